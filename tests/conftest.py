@@ -1,0 +1,39 @@
+"""Shared test helpers: make the project importable, keep torch on few threads, tiny stub networks."""
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class StubNetwork(nn.Module):
+    """eps(y, t, c) = 0.5 y + t + c . k, with k = 1..n_classes: conditional and unconditional outputs differ.
+
+    Records the batch size of every call in ``calls`` and the class vectors it saw in ``seen_classes``.
+    """
+
+    def __init__(self, n_classes: int = 10):
+        super().__init__()
+        self.n_classes = n_classes
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.calls: list[int] = []
+        self.seen_classes: list[torch.Tensor] = []
+
+    def forward(self, y, t, c):
+        self.calls.append(y.shape[0])
+        self.seen_classes.append(c.detach().clone())
+        class_term = c @ torch.arange(1, self.n_classes + 1, dtype=c.dtype, device=c.device)
+        return self.scale * y + t.view(-1, 1, 1, 1) + class_term.view(-1, 1, 1, 1)
+
+    def expected(self, y, t_fraction, c):
+        class_term = c @ torch.arange(1, self.n_classes + 1, dtype=c.dtype)
+        return 0.5 * y + t_fraction + class_term.view(-1, 1, 1, 1)
+
+
+@pytest.fixture
+def stub():
+    return StubNetwork()

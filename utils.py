@@ -1,0 +1,129 @@
+"""Plotting: sample grids, GIFs of the reverse process, loss curves, schedule plots and process strips.
+
+Images come in as tensors in [-1, 1] (the training scale) and are mapped to [0, 1] for torchvision.
+"""
+import csv
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def save_sample_grid(generated: torch.Tensor, real: torch.Tensor, path: str, nrow: int = 10) -> None:
+    """Generated rows above real rows (figure 2 of sheet 1): generated, real [N, C, H, W] in [-1, 1]."""
+    grid = torch.cat((generated.detach().cpu(), real.detach().cpu()))
+    save_image(to_unit_range(grid), path, nrow=nrow, padding=2)
+
+
+def save_gif(frames: np.ndarray, path: str, nrow: int = 10, scale: int = 2, frame_ms: int = 100,
+             hold_last_ms: int = 1500) -> None:
+    """An animated GIF of the reverse process: frames [F, N, C, H, W] in [-1, 1], one grid per frame."""
+    pictures = []
+    for frame in frames:
+        grid = make_grid(to_unit_range(torch.from_numpy(frame)), nrow=nrow, padding=2)
+        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        picture = Image.fromarray(array)
+        pictures.append(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST))
+    durations = [frame_ms] * (len(pictures) - 1) + [hold_last_ms]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+
+def write_loss_csv(records: Sequence[dict], path: str) -> None:
+    """One row per epoch; the columns are the union of the records' keys in first-seen order."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def read_loss_csv(path: str) -> list[dict]:
+    with open(path, newline="") as file:
+        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(file)]
+
+
+def plot_losses(records: Sequence[dict], path: str, title: str = "Training progress") -> None:
+    """Mean training loss per epoch and, when measured, the test loss (not smoothed)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train (mean over the epoch)"), ("test_loss", "test (fixed t and noise)")):
+        points = [(record["epoch"], record[key]) for record in records if key in record]
+        if points:
+            axis.plot(*zip(*points), marker="o", markersize=3, label=label)
+    axis.set(title=title, xlabel="epoch", ylabel="noise-prediction loss")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_test_loss_by_timestep(records: Sequence[dict], path: str) -> None:
+    """Test loss against t for some epochs (columns test_loss_t{t} of the records)."""
+    measured = [record for record in records if any(key.startswith("test_loss_t") for key in record)]
+    if not measured:
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    shown = measured if len(measured) <= 5 else [measured[i] for i in np.linspace(0, len(measured) - 1, 5).astype(int)]
+    for record in shown:
+        steps = sorted(int(key[len("test_loss_t"):]) for key in record if key.startswith("test_loss_t"))
+        axis.plot(steps, [record[f"test_loss_t{t}"] for t in steps], marker="o", markersize=3,
+                  label=f"epoch {int(record['epoch'])}")
+    axis.set(title="Test loss by timestep", xlabel="timestep t", ylabel="noise-prediction loss", yscale="log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_schedules(schedules: dict[str, dict[str, torch.Tensor]], path: str, title: str) -> None:
+    """beta_t and alpha_bar_t of several schedules; schedules maps a name to its ``ddpm_schedule`` dict."""
+    figure, (beta_axis, alpha_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, terms in schedules.items():
+        steps = np.arange(1, len(terms["alpha_t"]))
+        beta = 1 - terms["alpha_t"][1:].numpy()
+        beta_axis.plot(steps, beta, label=name)
+        alpha_axis.plot(steps, terms["alpha_bar_t"][1:].numpy(), label=name)
+    beta_axis.set(title="beta_t", xlabel="timestep t", ylabel="beta_t", yscale="log")
+    alpha_axis.set(title="alpha_bar_t (signal kept)", xlabel="timestep t", ylabel="alpha_bar_t")
+    for axis in (beta_axis, alpha_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def save_strip(images: torch.Tensor, labels: Sequence[str], path: str, title: str, scale: int = 4) -> None:
+    """A row of images [K, C, H, W] in [-1, 1] with a label under each, upscaled without blurring."""
+    figure, axes = plt.subplots(1, len(images), figsize=(1.3 * len(images), 1.9))
+    for axis, image, label in zip(np.atleast_1d(axes), images, labels):
+        picture = to_unit_range(image).permute(1, 2, 0).numpy()
+        picture = np.kron(picture, np.ones((scale, scale, 1)))  # nearest-neighbour upscaling
+        axis.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1,
+                    interpolation="nearest")
+        axis.set_xlabel(label, fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def ensure_folder(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -14,6 +14,9 @@ from torchvision import datasets, transforms
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
+BUILTIN = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}
+
+
 class DataError(ValueError):
     """A dataset that cannot be found or read; the message names the path and the flag to fix it."""
 
@@ -39,7 +42,7 @@ class ImageSet:
 
 def load_builtin(name: str, root: str, train: bool) -> ImageSet:
     """MNIST ('mnist') or CIFAR-10 ('cifar10') in torchvision's layout under ``root``; downloads only when missing."""
-    dataset_class = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
+    dataset_class = BUILTIN[name]
     try:
         dataset = dataset_class(root, train=train, download=False)
     except RuntimeError:

@@ -1,0 +1,221 @@
+"""The shared training loop end to end on tiny data the tests make: artifacts, resume, signals, bad input."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import training
+from checkpoints import load_checkpoint
+from ddpm import DDPM
+from train_mnist import MNIST
+from training import TrainConfig, resolve_config, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """10 class folders of 6 random 20x20 grey PNGs (resized to 28x28 on loading)."""
+    root = tmp_path_factory.mktemp("digits") / "train"
+    generator = torch.Generator().manual_seed(0)
+    for label in range(10):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(6):
+            pixels = (torch.rand(20, 20, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")
+    return str(root)
+
+
+def tiny_config(image_folder, out, **overrides):
+    given = dict(image_folder=image_folder, cache_dir="", out=str(out), epochs=2, batch_size=16, n_features=8,
+                 timesteps=10, guidance=[0.0, 1.0], sample_every=1, gif_every=2, save_every=1, eval_images=20,
+                 eval_timesteps=3, device="cpu")
+    given.update(overrides)
+    return resolve_config(MNIST, given)
+
+
+def read_rows(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_two_epoch_run_writes_every_artifact(image_folder, tmp_path):
+    train(tiny_config(image_folder, tmp_path / "run"))
+    names = set(os.listdir(tmp_path / "run"))
+    for epoch in (1, 2):
+        assert {f"image_ep{epoch}_w0.0.png", f"image_ep{epoch}_w1.0.png", f"model_ep{epoch}.pth"} <= names
+    assert {"gif_ep2_w0.0.gif", "gif_ep2_w1.0.gif", "loss.csv", "loss.png"} <= names
+    assert "gif_ep1_w0.0.gif" not in names
+    rows = read_rows(tmp_path / "run" / "loss.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert all(float(row["train_loss"]) > 0 and float(row["test_loss"]) > 0 for row in rows)
+    grid = Image.open(tmp_path / "run" / "image_ep2_w1.0.png")
+    assert grid.size == (10 * 30 + 2, 8 * 30 + 2)  # 10 columns, 4 generated + 4 real rows, padding 2
+    gif = Image.open(tmp_path / "run" / "gif_ep2_w1.0.gif")
+    assert gif.n_frames == 8  # T = 10: frames after t = 10 (= T) and t = 7..1; t % 20 == 0 never holds
+    checkpoint = load_checkpoint(str(tmp_path / "run" / "model_ep2.pth"))
+    assert {"model", "optimizer", "epoch", "config", "losses", "ema"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and len(checkpoint["losses"]) == 2
+    model = DDPM.from_checkpoint(str(tmp_path / "run" / "model_ep2.pth"), device="cpu")
+    assert model.n_timesteps == 10 and model.nn_model.n_features == 8
+
+
+def test_resumed_run_ends_with_the_same_weights(image_folder, tmp_path):
+    settings = dict(epochs=4, sample_every=10, gif_every=10, save_every=2, ema_decay=0.9)
+    train(tiny_config(image_folder, tmp_path / "straight", **settings))
+    train(tiny_config(image_folder, tmp_path / "resumed", **{**settings, "epochs": 2}))
+    train(tiny_config(image_folder, tmp_path / "resumed", **{**settings, "resume": "auto"}))
+    straight = load_checkpoint(str(tmp_path / "straight" / "model_ep4.pth"))
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "model_ep4.pth"))
+    for key in ("model", "ema"):
+        for name, value in straight[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+    assert [row["train_loss"] for row in straight["losses"]] == [row["train_loss"] for row in resumed["losses"]]
+
+
+def test_signal_mid_epoch_saves_and_resumes_exactly(image_folder, tmp_path, monkeypatch):
+    """SIGINT during the 3rd step of epoch 2: the step finishes, a checkpoint of that position is written, and
+    resuming from it ends where an uninterrupted run ends."""
+    settings = dict(epochs=2, sample_every=10, gif_every=10, save_every=10, eval_every=0)
+    train(tiny_config(image_folder, tmp_path / "straight", **settings))
+    calls = {"n": 0}
+    original_step = torch.optim.Adam.step
+
+    def step_then_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4 + 3:  # 4 steps per epoch (60 images / 16)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_signal)
+    train(tiny_config(image_folder, tmp_path / "resumed", **settings))
+    monkeypatch.setattr(torch.optim.Adam, "step", original_step)
+    assert sorted(os.listdir(tmp_path / "resumed")) == ["model_ep1_step3.pth"]
+    train(tiny_config(image_folder, tmp_path / "resumed", **{**settings, "resume": "auto"}))
+    straight = load_checkpoint(str(tmp_path / "straight" / "model_ep2.pth"))
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "model_ep2.pth"))
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0)
+    assert straight["losses"][-1]["train_loss"] == pytest.approx(resumed["losses"][-1]["train_loss"], rel=1e-6)
+    assert not any("_step" in name for name in os.listdir(tmp_path / "resumed"))  # stale position removed
+
+
+def test_sigterm_to_a_real_process_leaves_a_resumable_checkpoint(image_folder, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "train_mnist.py", "--image-folder", image_folder, "--cache-dir", "", "--out", str(out),
+               "--epochs", "50", "--batch-size", "4", "--n-features", "8", "--timesteps", "10", "--eval-every", "0",
+               "--sample-every", "100", "--gif-every", "100", "--save-every", "100", "--device", "cpu"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    line = ""
+    while "training on" not in line and time.time() < deadline:
+        line = process.stdout.readline()
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output = line + process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output
+    assert "stopped by SIGTERM" in output and "--resume" in output
+    saved = [name for name in os.listdir(out) if name.endswith(".pth")]
+    assert len(saved) == 1
+    checkpoint = load_checkpoint(str(out / saved[0]))
+    assert (checkpoint["epoch"], checkpoint["step"]) != (0, 0)
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp_")]
+
+
+# ---- bad input: one line on stderr, exit code 2 ---------------------------------------------------------------
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        training.main(MNIST, "test", argv)
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    return error
+
+
+def tiny_argv(image_folder, out, *extra):
+    return ["--image-folder", image_folder, "--cache-dir", "", "--out", str(out), "--epochs", "1", "--batch-size",
+            "16", "--n-features", "8", "--timesteps", "5", "--guidance", "1", "--eval-every", "0", "--device", "cpu",
+            *extra]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch-size", "-3"], "--batch-size must be positive"),
+    (["--lr", "0"], "--lr must be a positive"),
+    (["--guidance", "nan"], "--guidance"),
+    (["--beta1", "0.5", "--beta2", "0.1"], "increasing"),
+    (["--n-features", "12"], "n_features"),
+])
+def test_bad_settings_give_one_line(image_folder, tmp_path, capsys, extra, fragment):
+    error = run_cli(tiny_argv(image_folder, tmp_path / "out", *extra), capsys)
+    assert fragment in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+@pytest.mark.parametrize("extra", [["--schedule", "square"], ["--loss", "huber"], ["--guidance", "strong"]])
+def test_unknown_choices_are_refused_by_the_parser(image_folder, tmp_path, capsys, extra):
+    error = run_cli(tiny_argv(image_folder, tmp_path / "out", *extra), capsys)
+    assert "invalid" in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(image_folder, tmp_path, capsys):
+    error = run_cli(tiny_argv(image_folder, tmp_path / "out", "--device", "cuda"), capsys)
+    assert "CUDA is not available" in error
+
+
+def test_missing_and_empty_image_folders(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert str(missing) in run_cli(tiny_argv(str(missing), tmp_path / "out"), capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no class subfolders" in run_cli(tiny_argv(str(tmp_path / "empty"), tmp_path / "out"), capsys)
+    (tmp_path / "noimages" / "cat").mkdir(parents=True)
+    (tmp_path / "noimages" / "cat" / "notes.txt").write_text("not an image")
+    assert "no images" in run_cli(tiny_argv(str(tmp_path / "noimages"), tmp_path / "out"), capsys)
+
+
+def test_missing_builtin_dataset_names_the_path(tmp_path, monkeypatch):
+    import image_data
+
+    class Offline:
+        def __init__(self, root, train, download):
+            raise RuntimeError("Dataset not found.") if not download else OSError("no network")
+
+    monkeypatch.setitem(image_data.BUILTIN, "mnist", Offline)
+    with pytest.raises(image_data.DataError, match=str(tmp_path)) as error:
+        image_data.load_builtin("mnist", str(tmp_path), train=True)
+    assert "--data-root" in str(error.value)
+
+
+def test_bad_checkpoints_are_refused_with_a_reason(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    training.main(MNIST, "test", tiny_argv(image_folder, out))
+    good = out / "model_ep1.pth"
+    before = good.read_bytes()
+    assert "--resume auto" in run_cli(tiny_argv(image_folder, out), capsys)  # refuses to mix runs
+    error = run_cli(tiny_argv(image_folder, out, "--resume", str(good), "--n-features", "16", "--epochs", "2"), capsys)
+    assert "n_features: checkpoint 8, now 16" in error
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(before[: len(before) // 2])
+    assert "corrupt" in run_cli(tiny_argv(image_folder, out, "--resume", str(corrupt)), capsys)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": 1}, foreign)
+    assert "not a training checkpoint" in run_cli(tiny_argv(image_folder, out, "--resume", str(foreign)), capsys)
+    assert good.read_bytes() == before  # nothing overwritten
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(image_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    training.main(MNIST, "test", tiny_argv(image_folder, out))
+    before = (out / "model_ep1.pth").read_bytes()
+    monkeypatch.setattr(DDPM, "forward", lambda self, y, c: self.nn_model(y, torch.zeros(len(y)), c).sum() * float("nan"))
+    error = run_cli(tiny_argv(image_folder, out, "--resume", "auto", "--epochs", "2"), capsys)
+    assert "epoch 2, step 1" in error
+    assert (out / "model_ep1.pth").read_bytes() == before

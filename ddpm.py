@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints import load_checkpoint, network_weights
+from checkpoints import CheckpointError, load_checkpoint, network_weights
 from networks.Conditional_UNet import UNet
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
@@ -362,7 +362,11 @@ class DDPM(nn.Module):
         for a missing, corrupt or incomplete checkpoint.
         """
         checkpoint = load_checkpoint(path)
-        return cls.from_config(checkpoint["config"], network_weights(checkpoint), device)
+        try:
+            return cls.from_config(checkpoint["config"], network_weights(checkpoint), device)
+        except RuntimeError as error:  # load_state_dict: missing, unexpected or mis-shaped weights
+            raise CheckpointError(f"{path}: the weights do not fit the model its config describes "
+                                  f"({str(error).splitlines()[0][:200]})") from None
 
     @classmethod
     def from_config(cls, config: dict, weights: dict | None = None,

@@ -28,6 +28,7 @@ import utils
 from checkpoints import CheckpointError, config_differences, load_checkpoint, save_checkpoint, MODEL_KEYS
 from ddpm import DDPM, LOSS_TYPES, SAMPLERS, SCHEDULES, class_grid_conditions, default_device
 from image_data import DataError, ImageSet, load_builtin, load_image_folder, test_folder_for
+from speed import FastPath, autocast, fast_sampler, make_optimizer, prepare_images, prepare_network
 
 CHECKPOINT_NAME = re.compile(r"^model_ep(\d+)(?:_step(\d+))?\.pth$")
 
@@ -65,6 +66,7 @@ class TrainConfig:
     subset: int | None = None
     device: str = "auto"
     seed: int = 0
+    fast: bool = True                      # the measured fast path of speed.py (--no-fast: plain fp32 eager)
     compile: bool = False
     resume: str | None = None
     overwrite: bool = False
@@ -109,6 +111,7 @@ HELP = {
     "subset": "train on the first N training images only",
     "device": "auto picks cuda, then mps, then cpu",
     "seed": "random seed of the run",
+    "fast": "the measured fast path (memory format, autocast, Adam kernel, BatchNorm folding for sampling)",
     "compile": "torch.compile the U-Net",
     "resume": "checkpoint to continue from, or 'auto' for the newest in --out",
     "overwrite": "allow a new run to write into an --out that holds another run's checkpoints",
@@ -288,101 +291,217 @@ class RunState:
     partial_loss_sum: float = 0.0
 
 
-def train(config: TrainConfig) -> DDPM:
-    """Train as ``config`` says, writing every artifact under ``config.out``; returns the trained DDPM."""
+@dataclass
+class Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class Run:
+    """Everything the loop trains and saves: the DDPM, the network the steps call (compiled or DDP-wrapped),
+    the optimizer, the EMA, the fast-path choices, the ranks and the progress."""
+    config: TrainConfig
+    model: DDPM
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None
+    path: FastPath
+    ranks: Ranks
+    state: RunState
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+def start_ranks(config: TrainConfig) -> tuple[Ranks, torch.device]:
+    """Join the torchrun job when there is one (nccl on CUDA, gloo on the CPU) and pick this rank's device."""
     device = torch.device(default_device() if config.device == "auto" else config.device)
-    check_output_folder(config)
-    train_set, test_set = load_data(config)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Ranks(), device
+    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ranks, device
+
+
+def build_run(config: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
+    """The model (same initial weights on every rank), optimizer and EMA, restored from --resume when given."""
     torch.manual_seed(config.seed)
     model = DDPM.from_config(dataclasses.asdict(config), device=device).train()
-    optimizer = torch.optim.Adam(model.nn_model.parameters(), lr=config.lr)
+    path = FastPath.for_device(device, config.in_channels) if config.fast else FastPath.plain()
+    prepare_network(model.nn_model, path)
+    optimizer = make_optimizer(model.nn_model.parameters(), config.lr, device, path)
     ema = make_ema(model, config.ema_decay)
-    state = RunState()
-    if config.resume:
-        state = restore(config.resume, model, optimizer, ema, device)
-        print(f"resumed {config.resume}: {state.epoch} epochs and {state.step} steps done")
-    network = torch.compile(model.nn_model) if config.compile else model.nn_model
-    images = train_set.images.to(device)
-    labels = train_set.labels.to(device)
-    real = real_examples(train_set, config.n_sample, config.n_classes).to(device)
-    utils.ensure_folder(config.out)
-    print(f"training on {len(train_set)} images ({device}), {count_parameters(model)} parameters, "
-          f"{config.epochs} epochs, batch {config.batch_size}, writing to {config.out}")
-
-    with StopRequested() as stop:
-        for epoch in range(state.epoch, config.epochs):
-            started = time.perf_counter()
-            mean_loss, steps_done, images_seen = train_one_epoch(model, network, optimizer, ema, images, labels,
-                                                                 config, epoch, state, stop)
-            if stop:
-                save_interrupted(config, model, optimizer, ema, state, epoch, steps_done, stop.signal_name)
-                return model
-            seconds = time.perf_counter() - started
-            sampling_model = model_for_sampling(model, ema, config)
-            record = {"epoch": epoch + 1, "train_loss": mean_loss}
-            if config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-                record.update(test_loss(sampling_model, test_set, config, device))
-            record.update(seconds=round(seconds, 2), images_per_s=round(images_seen / seconds, 1))
-            tqdm.write(summary_line(record, config.epochs))
-            state.losses.append(record)
-            state.epoch, state.step, state.partial_loss_sum = epoch + 1, 0, 0.0
-            write_epoch_artifacts(config, sampling_model, real, state.losses, epoch + 1)
-            if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
-                save_run(config, model, optimizer, ema, state, f"model_ep{epoch + 1}.pth")
-                remove_interrupted_checkpoints(config.out)
-    return model
+    state = restore(config.resume, model, optimizer, ema, device) if config.resume else RunState()
+    if ranks.distributed:
+        torch.manual_seed(config.seed + 1_000_003 * ranks.rank + 1009 * state.epoch + state.step)
+    network = model.nn_model
+    if ranks.distributed:
+        # BatchNorm is not synchronised: each rank normalises its own batch of --batch-size images, which
+        # is plenty, and DDP broadcasts rank 0's running statistics every step, so all ranks keep equal ones.
+        network = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        network = torch.compile(network)
+    if device.type == "cuda" and config.fast:
+        torch.backends.cudnn.benchmark = True
+    return Run(config, model, network, optimizer, ema, path, ranks, state)
 
 
-def steps_per_epoch(n_images: int, batch_size: int) -> int:
-    return math.ceil(n_images / batch_size)
+def train(config: TrainConfig) -> DDPM:
+    """Train as ``config`` says, writing every artifact under ``config.out``; returns the trained DDPM.
 
-
-def train_one_epoch(model: DDPM, network, optimizer, ema, images, labels, config: TrainConfig, epoch: int,
-                    state: RunState, stop: StopRequested) -> tuple[float, int]:
-    """One pass over the images in a permutation fixed by (seed, epoch), starting at ``state.step``.
-
-    Returns (mean training loss over the epoch's images so far, steps completed, images trained on by this
-    call). The loss is accumulated on
-    the device and read only when the progress bar refreshes, so the GPU never waits for the host.
+    Under torchrun, every rank trains on its own shard of each epoch and only rank 0 writes files.
     """
-    n = len(labels)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)).to(images.device)
-    total_steps = steps_per_epoch(n, config.batch_size)
+    ranks, device = start_ranks(config)
+    check_output_folder(config)
+    train_set, test_set = load_data(config)
+    run = build_run(config, ranks, device)
+    images, labels = train_set.images.to(device), train_set.labels.to(device)
+    real = real_examples(train_set, config.n_sample, config.n_classes).to(device)
+    if ranks.is_main:
+        utils.ensure_folder(config.out)
+        if config.resume:
+            print(f"resumed {config.resume}: {run.state.epoch} epochs and {run.state.step} steps done")
+        print(f"training on {len(train_set)} images ({device} x {ranks.world_size}, fast path: {run.path.describe()}), "
+              f"{count_parameters(run.model)} parameters, {config.epochs} epochs, batch {config.batch_size} per rank, "
+              f"writing to {config.out}")
+    with StopRequested() as stop:
+        for epoch in range(run.state.epoch, config.epochs):
+            started = time.perf_counter()
+            mean_loss, steps_done, images_seen = train_one_epoch(run, images, labels, epoch, stop)
+            if steps_done < steps_per_epoch(len(labels), config.batch_size, ranks.world_size):
+                save_interrupted(run, epoch, steps_done, stop.signal_name or "a signal")
+                return run.model
+            if ranks.is_main:
+                finish_epoch(run, epoch + 1, mean_loss, images_seen / (time.perf_counter() - started), test_set,
+                             real, time.perf_counter() - started)
+            else:
+                run.state.epoch, run.state.step, run.state.partial_loss_sum = epoch + 1, 0, 0.0
+            if ranks.distributed:
+                torch.distributed.barrier()
+    return run.model
+
+
+def finish_epoch(run: Run, epoch: int, mean_loss: float, images_per_s: float, test_set: ImageSet,
+                 real: torch.Tensor, seconds: float) -> None:
+    """Rank 0 after each epoch: test loss, summary line, loss.csv/png, grids and GIFs, checkpoint."""
+    config, state = run.config, run.state
+    sampling_model = model_for_sampling(run)
+    record = {"epoch": epoch, "train_loss": mean_loss}
+    if config.eval_every and (epoch % config.eval_every == 0 or epoch == config.epochs):
+        record.update(test_loss(sampling_model, test_set, config))
+    record.update(seconds=round(seconds, 2), images_per_s=round(images_per_s, 1))
+    tqdm.write(summary_line(record, config.epochs))
+    state.losses.append(record)
+    state.epoch, state.step, state.partial_loss_sum = epoch, 0, 0.0
+    write_epoch_artifacts(config, sampling_model, real, state.losses, epoch)
+    if epoch % config.save_every == 0 or epoch == config.epochs:
+        save_run(run, f"model_ep{epoch}.pth")
+        remove_interrupted_checkpoints(config.out)
+
+
+def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
+    return math.ceil((n_images // world_size) / batch_size)
+
+
+def epoch_shard(n_images: int, config: TrainConfig, epoch: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's image indices for an epoch: a permutation fixed by (seed, epoch), split evenly over the
+    ranks (the last n_images % world_size images of the permutation sit the epoch out)."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    per_rank = n_images // ranks.world_size
+    return order[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+
+
+def train_one_epoch(run: Run, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                    stop: StopRequested) -> tuple[float, int, int]:
+    """One pass over this rank's shard, starting at ``run.state.step`` (non-zero after a mid-epoch stop).
+
+    Returns (mean training loss over the epoch's images so far, steps completed, images trained on by this call
+    over all ranks). The loss is accumulated on the device and read only when the progress bar refreshes, so
+    the GPU never waits for the host on the other steps.
+    """
+    config, state, ranks = run.config, run.state, run.ranks
+    order = epoch_shard(len(labels), config, epoch, ranks).to(images.device)
+    total_steps = steps_per_epoch(len(labels), config.batch_size, ranks.world_size)
     loss_sum = torch.tensor(state.partial_loss_sum, device=images.device)
-    resumed_at = seen = min(state.step * config.batch_size, n)
+    resumed_at = seen = min(state.step * config.batch_size, len(order))
+    check_every = 1 if images.device.type == "cpu" and not ranks.distributed else 25
     bar = tqdm(range(state.step, total_steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-               leave=False, dynamic_ncols=True, mininterval=1.0)
-    started, step = time.perf_counter(), state.step
+               leave=False, dynamic_ncols=True, mininterval=1.0, disable=not ranks.is_main)
+    started = time.perf_counter()
     for step in bar:
         batch = order[step * config.batch_size:(step + 1) * config.batch_size]
-        y = to_model_scale(images[batch])
-        if config.flip:
-            y = torch.where(torch.rand(len(batch), 1, 1, 1, device=y.device) < 0.5, y.flip(3), y)
-        c = F.one_hot(labels[batch], config.n_classes).float()
-        loss = training_loss(model, network, y, c)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            ema.update_parameters(model.nn_model)
+        loss = training_step(run, images[batch], labels[batch])
         loss_sum += loss.detach() * len(batch)
         seen += len(batch)
-        if images.device.type == "cpu" or step % 50 == 0 or step == total_steps - 1:
+        if step % check_every == 0 or step == total_steps - 1:
             running = loss_sum.item() / seen
             if not math.isfinite(running):
                 raise FloatingPointError(f"the training loss became {running} in epoch {epoch + 1}, step {step + 1}; "
                                          f"the last checkpoint in {config.out} is untouched")
-            rate = (seen - resumed_at) / (time.perf_counter() - started)
+            rate = (seen - resumed_at) * ranks.world_size / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{running:.4f}", img_s=f"{rate:.0f}", refresh=False)
-        if stop:
-            state.partial_loss_sum = loss_sum.item()
-            return loss_sum.item() / seen, step + 1, seen - resumed_at
+            if stop_agreed(stop, ranks, images.device):
+                state.partial_loss_sum = loss_sum.item()
+                return loss_sum.item() / seen, step + 1, (seen - resumed_at) * ranks.world_size
     bar.close()
-    return loss_sum.item() / seen, total_steps, seen - resumed_at
+    loss_sum, seen_all = all_ranks_sum(loss_sum, seen, ranks)
+    return loss_sum / seen_all, total_steps, (seen - resumed_at) * ranks.world_size
 
 
-def training_loss(model: DDPM, network, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1's loss, through the compiled network when there is one."""
+def training_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One step of Algorithm 1 on a uint8 batch [B, C, H, W]: loss, backward, Adam step, EMA update."""
+    config = run.config
+    y = prepare_images(to_model_scale(images), run.path)
+    if config.flip:
+        y = torch.where(torch.rand(len(y), 1, 1, 1, device=y.device) < 0.5, y.flip(3), y)
+    c = F.one_hot(labels, config.n_classes).float()
+    with autocast(run.device, run.path):
+        loss = training_loss(run.model, run.network, y, c)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model.nn_model)
+    return loss
+
+
+def stop_agreed(stop: StopRequested, ranks: Ranks, device: torch.device) -> bool:
+    """Whether to stop now: this process got a signal, or (under torchrun) any rank did."""
+    if not ranks.distributed:
+        return bool(stop)
+    flag = torch.tensor(1.0 if stop else 0.0, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def all_ranks_sum(loss_sum: torch.Tensor, seen: int, ranks: Ranks) -> tuple[float, int]:
+    if not ranks.distributed:
+        return loss_sum.item(), seen
+    totals = torch.stack((loss_sum, torch.tensor(float(seen), device=loss_sum.device)))
+    torch.distributed.all_reduce(totals)
+    return totals[0].item(), int(totals[1].item())
+
+
+def training_loss(model: DDPM, network: torch.nn.Module, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1's loss, computed through ``network`` (the compiled or DDP-wrapped U-Net when there is one)."""
     if network is model.nn_model:
         return model(y, c)
     original, model.nn_model = model.nn_model, network
@@ -399,15 +518,14 @@ def make_ema(model: DDPM, decay: float) -> AveragedModel | None:
     return AveragedModel(model.nn_model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def model_for_sampling(model: DDPM, ema: AveragedModel | None, config: TrainConfig) -> DDPM:
-    """The DDPM around the EMA weights when kept, else the trained model itself."""
-    if ema is None:
-        return model
-    return DDPM.from_config(dataclasses.asdict(config), ema.module.state_dict(), device=model.device)
+def model_for_sampling(run: Run) -> DDPM:
+    """The DDPM to sample and test with: the EMA weights when kept, else the trained ones, on the fast path."""
+    source = run.model.nn_model if run.ema is None else run.ema.module
+    return fast_sampler(run.model, run.path, source)
 
 
 @torch.inference_mode()
-def test_loss(model: DDPM, test_set: ImageSet, config: TrainConfig, device: torch.device) -> dict[str, float]:
+def test_loss(model: DDPM, test_set: ImageSet, config: TrainConfig) -> dict[str, float]:
     """Conditional test loss at ``eval_timesteps`` timesteps spread over 1..T, with noise fixed by a seed.
 
     Returns {'test_loss': mean over timesteps, 'test_loss_t{t}': mean at t, ...}; comparable across epochs and
@@ -417,8 +535,7 @@ def test_loss(model: DDPM, test_set: ImageSet, config: TrainConfig, device: torc
         return {}
     timesteps = torch.linspace(1, config.timesteps, config.eval_timesteps).round().long().unique().tolist()
     generator = torch.Generator().manual_seed(4321)
-    was_training = model.training
-    model.eval()
+    device = model.device
     results = {}
     for t in timesteps:
         total = 0.0
@@ -429,7 +546,6 @@ def test_loss(model: DDPM, test_set: ImageSet, config: TrainConfig, device: torc
             step = torch.full((len(y0),), t, device=device)
             total += model.p_losses(y0, step, c, noise, loss_type=config.loss).item() * len(y0)
         results[f"test_loss_t{t}"] = total / len(test_set)
-    model.train(was_training)
     return {"test_loss": sum(results.values()) / len(results), **results}
 
 
@@ -473,30 +589,33 @@ def check_output_folder(config: TrainConfig) -> None:
                               f"pass --resume auto to continue that run or --overwrite to start a new one there")
 
 
-def save_run(config: TrainConfig, model: DDPM, optimizer, ema, state: RunState, name: str) -> str:
-    path = os.path.join(config.out, name)
+def save_run(run: Run, name: str) -> str:
+    """Write a resumable checkpoint of ``run`` as ``config.out/name`` (rank 0 only), atomically."""
+    path = os.path.join(run.config.out, name)
+    if not run.ranks.is_main:
+        return path
     save_checkpoint({
-        "model": model.nn_model.state_dict(),
-        "ema": None if ema is None else ema.module.state_dict(),
-        "ema_updates": None if ema is None else int(ema.n_averaged),
-        "optimizer": optimizer.state_dict(),
-        "epoch": state.epoch,
-        "step": state.step,
-        "partial_loss_sum": state.partial_loss_sum,
-        "config": dataclasses.asdict(config),
-        "losses": state.losses,
+        "model": run.model.nn_model.state_dict(),
+        "ema": None if run.ema is None else run.ema.module.state_dict(),
+        "ema_updates": None if run.ema is None else int(run.ema.n_averaged),
+        "optimizer": run.optimizer.state_dict(),
+        "epoch": run.state.epoch,
+        "step": run.state.step,
+        "partial_loss_sum": run.state.partial_loss_sum,
+        "config": dataclasses.asdict(run.config),
+        "losses": run.state.losses,
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }, path)
     return path
 
 
-def save_interrupted(config, model, optimizer, ema, state: RunState, epoch: int, steps_done: int,
-                     signal_name: str) -> None:
-    state.epoch, state.step = epoch, steps_done
-    path = save_run(config, model, optimizer, ema, state, f"model_ep{epoch}_step{steps_done}.pth")
-    tqdm.write(f"stopped by {signal_name} after {epoch} epochs and {steps_done} steps; saved {path}. "
-               f"Continue with the same command and --resume auto (or --resume {path}).")
+def save_interrupted(run: Run, epoch: int, steps_done: int, signal_name: str) -> None:
+    run.state.epoch, run.state.step = epoch, steps_done
+    path = save_run(run, f"model_ep{epoch}_step{steps_done}.pth")
+    if run.ranks.is_main:
+        tqdm.write(f"stopped by {signal_name} after {epoch} epochs and {steps_done} steps; saved {path}. "
+                   f"Continue with the same command and --resume auto (or --resume {path}).")
 
 
 def remove_interrupted_checkpoints(folder: str) -> None:
@@ -511,14 +630,11 @@ def restore(path: str, model: DDPM, optimizer, ema, device: torch.device) -> Run
     try:
         model.nn_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path} does not fit this model: {str(error).splitlines()[0][:300]}") from None
     if ema is not None:
-        if checkpoint.get("ema"):
-            ema.module.load_state_dict(checkpoint["ema"])
-            ema.n_averaged.fill_(checkpoint.get("ema_updates") or 1)
-        else:
-            ema.module.load_state_dict(checkpoint["model"])
+        ema.module.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
+        ema.n_averaged.fill_(checkpoint.get("ema_updates") or 1)
     rng = checkpoint.get("rng") or {}
     if "cpu" in rng:
         torch.set_rng_state(rng["cpu"].cpu())

@@ -96,11 +96,13 @@ def plot_schedules(schedules: dict[str, dict[str, torch.Tensor]], path: str, tit
         beta = 1 - terms["alpha_t"][1:].numpy()
         beta_axis.plot(steps, beta, label=name)
         alpha_axis.plot(steps, terms["alpha_bar_t"][1:].numpy(), label=name)
-    beta_axis.set(title="beta_t", xlabel="timestep t", ylabel="beta_t", yscale="log")
-    alpha_axis.set(title="alpha_bar_t (signal kept)", xlabel="timestep t", ylabel="alpha_bar_t")
-    for axis in (beta_axis, alpha_axis):
+    beta_axis.set(title=r"noise added per step $\beta_t$", xlabel="timestep t", ylabel=r"$\beta_t$ (log scale)",
+                  yscale="log")
+    alpha_axis.set(title=r"signal kept $\bar\alpha_t = \prod_{s=1}^{t} (1 - \beta_s)$", xlabel="timestep t",
+                   ylabel=r"$\bar\alpha_t$", ylim=(-0.02, 1.02))
+    for axis, corner in ((beta_axis, "upper left"), (alpha_axis, "lower left")):
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(title="schedule", loc=corner)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -118,6 +120,29 @@ def save_strip(images: torch.Tensor, labels: Sequence[str], path: str, title: st
         axis.set_xlabel(label, fontsize=8)
         axis.set_xticks([])
         axis.set_yticks([])
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def save_labelled_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, title: str,
+                       group_titles: Sequence[str | None] | None = None, scale: int = 4) -> None:
+    """One row of images per entry of ``rows`` (each [n, C, H, W] in [-1, 1]), its label at the left.
+
+    Images are upscaled ``scale`` times without blurring; ``group_titles[i]``, when not None, is shown above row i.
+    """
+    figure, axes = plt.subplots(len(rows), 1, figsize=(1.1 * max(len(row) for row in rows) + 1.6, 1.25 * len(rows)),
+                                squeeze=False)
+    for index, (axis, row, label) in enumerate(zip(axes[:, 0], rows, labels)):
+        grid = make_grid(to_unit_range(row.detach().cpu()), nrow=len(row), padding=2, pad_value=1)
+        picture = np.kron(grid.permute(1, 2, 0).numpy(), np.ones((scale, scale, 1)))  # nearest-neighbour upscaling
+        axis.imshow(picture, vmin=0, vmax=1, interpolation="nearest")
+        axis.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        if group_titles is not None and group_titles[index]:
+            axis.set_title(group_titles[index], fontsize=9, loc="left")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

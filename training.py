@@ -353,8 +353,9 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
         torch.manual_seed(config.seed + 1_000_003 * ranks.rank + 1009 * state.epoch + state.step)
     network = model.nn_model
     if ranks.distributed:
-        # BatchNorm is not synchronised: each rank normalises its own batch of --batch-size images, which
-        # is plenty, and DDP broadcasts rank 0's running statistics every step, so all ranks keep equal ones.
+        # BatchNorm is not synchronised (SyncBatchNorm would add an all-reduce per layer and runs on GPUs only):
+        # each rank normalises its own batch of --batch-size images, which is plenty, and DDP broadcasts
+        # rank 0's running statistics before every forward pass, so they never drift apart; rank 0's are saved.
         network = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:

@@ -1,0 +1,32 @@
+"""The shared loop under torchrun: 2 gloo processes on the CPU train in lockstep and write artifacts once."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.test_training import image_folder  # noqa: F401  (the tiny image folder fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_two_ranks_end_with_identical_weights_and_write_once(image_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    (tmp_path / "run_weights").mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "tests", "ddp_worker.py"), image_folder, str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "run_weights" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "run_weights" / "rank1.pt")
+    for name, value in rank0.items():
+        torch.testing.assert_close(rank1[name], value, rtol=0, atol=0, msg=name)
+    names = sorted(os.listdir(out))
+    assert names.count("model_ep2.pth") == 1 and "image_ep2_w1.0.png" in names and "loss.csv" in names
+    assert result.stdout.count("epoch 2/2  train loss") == 1   # one summary line: only rank 0 reports
+    with open(out / "loss.csv") as file:
+        assert len(file.read().strip().splitlines()) == 3        # header + one row per epoch, written once
+    # 54 training images over 2 ranks of batch 8: 27 per rank, 4 steps per epoch
+    checkpoint = torch.load(out / "model_ep2.pth", weights_only=True)
+    assert checkpoint["optimizer"]["state"][0]["step"].item() == 8

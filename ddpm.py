@@ -218,9 +218,11 @@ class DDPM(nn.Module):
                      weights: Sequence[float]) -> torch.Tensor:
         """Guided noise from ONE network call on the batch of K conditional copies and one unconditional copy.
 
-        eps~ = eps(y_t, t, 0) + sum_k w_k (eps(y_t, t, c_k) - eps(y_t, t, 0)).
+        eps~ = eps(y_t, t, 0) + sum_k w_k (eps(y_t, t, c_k) - eps(y_t, t, 0))
+             = (1 - sum_k w_k) eps(y_t, t, 0) + sum_k w_k eps(y_t, t, c_k).
         With K = 1 and w_1 = 1 + w this is S1 eq. 5 (S2 eq. 11): (1 + w) eps(y_t, t, c) - w eps(y_t, t, 0);
-        with several c_k it is composed guidance towards a mixture of classes.
+        with several c_k it is composed guidance towards a mixture of classes. When the weights sum to exactly 1
+        (e.g. w = 0) the unconditional term has weight 0 and its copy is left out of the batch.
 
         y_t [N, C, H, W]; conditions [K, N, n_classes]; weights: K numbers. Returns [N, C, H, W].
         """
@@ -231,14 +233,19 @@ class DDPM(nn.Module):
         if y_t.shape[0] != n:
             raise ValueError(f"conditions must hold one class vector per image: {y_t.shape[0]} images, got "
                              f"conditions of shape {list(conditions.shape)}")
-        batch = y_t.repeat(n_conditions + 1, 1, 1, 1)
-        classes = torch.cat((conditions.reshape(n_conditions * n, -1),
-                             torch.zeros(n, conditions.shape[-1], device=y_t.device)))
+        unconditional_weight = 1.0 - sum(weights)
+        classes = conditions.reshape(n_conditions * n, -1)
+        if unconditional_weight != 0:
+            classes = torch.cat((classes, torch.zeros(n, classes.shape[-1], device=classes.device)))
+        copies = classes.shape[0] // n
+        batch = y_t.repeat(copies, 1, 1, 1)
         time = torch.full((batch.shape[0], 1, 1, 1), t / self.n_timesteps, device=y_t.device)
-        noise = self.nn_model(batch, time, classes).float().view(n_conditions + 1, *y_t.shape)
-        conditional, unconditional = noise[:-1], noise[-1]
+        noise = self.nn_model(batch, time, classes).float().view(copies, *y_t.shape)
         weight = torch.as_tensor(weights, dtype=noise.dtype, device=noise.device).view(-1, 1, 1, 1, 1)
-        return unconditional + (weight * (conditional - unconditional)).sum(dim=0)
+        guided = (weight * noise[:n_conditions]).sum(dim=0)
+        if unconditional_weight != 0:
+            guided = guided + unconditional_weight * noise[n_conditions]
+        return guided
 
     def p_sample(self, y_t: torch.Tensor, t: int, c: torch.Tensor, g_weight: float) -> torch.Tensor:
         """One reverse step t -> t - 1 (Algorithm 2, lines 3-5; S1 eq. 4 with the guided noise of eq. 5).

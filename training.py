@@ -340,11 +340,15 @@ def start_ranks(config: TrainConfig) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
-def build_run(config: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
-    """The model (same initial weights on every rank), optimizer and EMA, restored from --resume when given."""
+def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: FastPath | None = None) -> Run:
+    """The model (same initial weights on every rank), optimizer and EMA, restored from --resume when given.
+
+    ``path`` overrides the fast-path choices that ``config.fast`` implies (bench.py measures each one).
+    """
     torch.manual_seed(config.seed)
     model = DDPM.from_config(dataclasses.asdict(config), device=device).train()
-    path = FastPath.for_device(device, config.in_channels) if config.fast else FastPath.plain()
+    if path is None:
+        path = FastPath.for_device(device, config.in_channels) if config.fast else FastPath.plain()
     prepare_network(model.nn_model, path)
     optimizer = make_optimizer(model.nn_model.parameters(), config.lr, device, path)
     ema = make_ema(model, config.ema_decay)

@@ -152,7 +152,7 @@ def _hand_reverse_step(model, stub, y, t, c, w, z):
     return mean + torch.sqrt(beta) * z
 
 
-@pytest.mark.parametrize("w", [0.0, 1.0, 3.0, -0.5])
+@pytest.mark.parametrize("w", [1.0, 3.0, -0.5, 1e-3])
 def test_guided_reverse_step_follows_equations_4_and_5(w):
     stub = StubNetwork()
     model = make(stub, timesteps=50)
@@ -177,6 +177,7 @@ def test_without_guidance_the_step_is_the_plain_conditional_step():
     eps = stub.expected(y, 30 / 50, c)
     mean = model.one_over_sqrt_alpha_t[30] * (y - model.one_minus_alpha_t_over_sqrt_1_minus_alpha_bar_t[30] * eps)
     torch.testing.assert_close(result, mean + model.sqrt_beta_t[30] * z)
+    assert stub.calls == [2]  # w = 0 gives the unconditional term weight 0: its copy is skipped
 
 
 def test_last_step_adds_no_noise():

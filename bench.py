@@ -1,0 +1,182 @@
+"""Measure training and sampling throughput (images/s), the plain path and the fast path side by side.
+
+    python bench.py            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, complete sampling runs
+    python bench.py --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
+    python bench.py --compile  # also measure torch.compile (slow to warm up, excluded from the timing)
+
+Training: full steps of the real training loop (``training.training_step``: forward, loss, backward, Adam, EMA)
+on batches drawn from an in-memory uint8 tensor on the device, after warm-up. Sampling: ``DDPM.sample`` with
+guidance (conditional and unconditional halves) for 4 images per class, with the sheet's 400-step DDPM sampler
+and DDIM at 50 and 20 steps. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the
+median round is reported, so that a load change on the machine hits both alike. The last line is JSON.
+"""
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from ddpm import DDPM
+from speed import FastPath, fast_sampler
+from train_mnist import MNIST
+from training import GEOMETRY, Ranks, build_run, training_step
+
+CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("cifar10", 64)}
+SAMPLERS = (("ddpm", 400), ("ddim", 50), ("ddim", 20))
+
+
+def variants(device: torch.device, in_channels: int, full: bool, compile_too: bool) -> dict[str, tuple[FastPath, bool]]:
+    """name -> (fast-path choices, compile); the plain path first, the default fast path second."""
+    chosen = {"plain": (FastPath.plain(), False), "fast": (FastPath.for_device(device, in_channels), False)}
+    if full:
+        chosen["+fast adam only"] = (FastPath(fast_adam=True), False)
+        chosen["+channels_last only"] = (FastPath(channels_last=True), False)
+        chosen["+fold batchnorm only"] = (FastPath(fold_batchnorm=True), False)
+        if device.type == "cuda":
+            chosen["+bf16 autocast only"] = (FastPath(bf16_autocast=True), False)
+    if compile_too:
+        chosen["fast + compile"] = (FastPath.for_device(device, in_channels), True)
+    return chosen
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, compile_model: bool,
+                    batch_size: int, steps: int):
+    """A generator: the first next() builds and warms up; each further next() times ``steps`` steps -> images/s."""
+    config = replace(MNIST, dataset=dataset, n_features=n_features, batch_size=batch_size, compile=compile_model,
+                     device=device.type, flip=dataset == "cifar10", **GEOMETRY[dataset])
+    run = build_run(config, Ranks(), device, path)
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch_size * 4, config.in_channels, config.image_size, config.image_size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device)
+    labels = torch.randint(0, 10, (len(images),), generator=generator).to(device)
+    batches = [torch.arange(i * batch_size, (i + 1) * batch_size, device=device) for i in range(4)]
+    for step in range(2):                                  # warm-up (and compilation)
+        training_step(run, images[batches[step]], labels[batches[step]])
+    synchronize(device)
+    yield None
+    while True:
+        started = time.perf_counter()
+        for step in range(steps):
+            batch = batches[step % 4]
+            training_step(run, images[batch], labels[batch])
+        synchronize(device)
+        yield batch_size * steps / (time.perf_counter() - started)
+
+
+def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, compile_model: bool,
+                    sampler: str, steps: int, timed_steps: int):
+    """Like ``training_rounds`` for guided sampling of 4 images per class; images/s of a run of ``steps`` steps,
+    timed over ``timed_steps`` of them (all of them unless --quick) and scaled to the whole run."""
+    geometry = GEOMETRY[dataset]
+    config = dict(geometry, n_features=n_features, timesteps=400, beta1=1e-4, beta2=0.02, schedule="linear",
+                  drop_prob=0.1, loss="l2")
+    torch.manual_seed(0)
+    model = DDPM.from_config(config, device=device)
+    if path != FastPath.plain():
+        model = fast_sampler(model, path)
+    if compile_model:
+        model.nn_model = torch.compile(model.nn_model)
+    size = (geometry["in_channels"], geometry["image_size"], geometry["image_size"])
+    model.sample(4, size, 10, 1.0, sampler="ddim", steps=2)   # warm-up
+    synchronize(device)
+    yield None
+    while True:
+        started = time.perf_counter()
+        model.sample(4, size, 10, 1.0, sampler="ddim" if timed_steps < steps else sampler,
+                     steps=timed_steps if timed_steps < steps else (steps if sampler == "ddim" else None))
+        synchronize(device)
+        seconds = (time.perf_counter() - started) * steps / timed_steps
+        yield 40 / seconds
+
+
+def alternate(round_makers: dict, rounds: int) -> dict[str, float]:
+    """Warm every variant up, then time them in alternating rounds; the median images/s of each."""
+    generators = {name: make() for name, make in round_makers.items()}
+    for generator in generators.values():
+        next(generator)
+    results = {name: [] for name in generators}
+    for _ in range(rounds):
+        for name, generator in generators.items():
+            results[name].append(next(generator))
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def measure(device: torch.device, config_name: str, args) -> dict:
+    dataset, n_features = CONFIGS[config_name]
+    chosen = variants(device, GEOMETRY[dataset]["in_channels"], not args.quick, args.compile)
+    train = alternate({name: (lambda p=path, c=compiled: training_rounds(
+        dataset, n_features, device, p, c, args.batch_size, args.train_steps)) for name, (path, compiled) in chosen.items()},
+        args.rounds)
+    sample = {}
+    for sampler, steps in SAMPLERS:
+        timed = min(steps, args.sample_steps_timed) if args.quick else steps
+        sample[f"{sampler}{steps}"] = alternate({name: (lambda p=path, c=compiled: sampling_rounds(
+            dataset, n_features, device, p, c, sampler, steps, timed)) for name, (path, compiled) in chosen.items()},
+            args.rounds if not args.quick else 1)
+        if args.quick:
+            break       # DDIM costs the same per step: --quick times the step once and scales it
+    if args.quick:
+        per_step = sample["ddpm400"]
+        for sampler, steps in SAMPLERS[1:]:
+            sample[f"{sampler}{steps}"] = {name: value * 400 / steps for name, value in per_step.items()}
+    return {"device": device_name(device), "config": config_name, "n_features": n_features,
+            "batch_size": args.batch_size, "fast_path": {name: path.describe() for name, (path, _) in chosen.items()},
+            "train_img_s": train, "sample_img_s": sample}
+
+
+def print_table(result: dict) -> None:
+    names = list(result["train_img_s"])
+    print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; training batch {result['batch_size']}")
+    print(f"  {'path':<24}{'train img/s':>12}" + "".join(f"{key + ' img/s':>14}" for key in result["sample_img_s"]))
+    for name in names:
+        row = f"  {name:<24}{result['train_img_s'][name]:>12.1f}"
+        row += "".join(f"{result['sample_img_s'][key][name]:>14.2f}" for key in result["sample_img_s"])
+        print(row)
+    plain, fast = result["train_img_s"]["plain"], result["train_img_s"]["fast"]
+    sample_plain, sample_fast = result["sample_img_s"]["ddpm400"]["plain"], result["sample_img_s"]["ddpm400"]["fast"]
+    print(f"  fast/plain: training x{fast / plain:.2f}, sampling x{sample_fast / sample_plain:.2f}; "
+          f"DDIM-50 fast vs DDPM-400 plain x{result['sample_img_s']['ddim50']['fast'] / sample_plain:.1f}"
+          f"  (fast = {result['fast_path']['fast']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="plain vs fast only, MNIST and CIFAR-10 F=32, "
+                        "sampling timed over a few steps and scaled")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch (the scripts' default)")
+    parser.add_argument("--train-steps", type=int, default=None, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant")
+    parser.add_argument("--sample-steps-timed", type=int, default=8, help="--quick: sampling steps timed")
+    args = parser.parse_args()
+    args.train_steps = args.train_steps or (2 if args.quick else 5)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    configs = args.configs or (["mnist", "cifar10"] if args.quick else list(CONFIGS))
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    results = []
+    for device in devices:
+        for config_name in configs:
+            result = measure(torch.device(device), config_name, args)
+            print_table(result)
+            results.append(result)
+    print(json.dumps({"torch": torch.__version__, "quick": args.quick, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

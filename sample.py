@@ -18,7 +18,6 @@ Errors (bad checkpoint, class, mixture, flag) are one line on stderr with exit c
 import argparse
 import math
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -28,10 +27,9 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import utils
-from checkpoints import CheckpointError
-from ddpm import DDPM, SAMPLERS, default_device
+from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
+from ddpm import DDPM, SAMPLERS
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_GRID_COLUMNS = 8                       # a mixture's n images are laid out row-major, this many per row
 DEFAULT_DDIM_STEPS = 50
 
@@ -123,17 +121,6 @@ def parse_mixture(text: str) -> Mixture:
 # Model, sampling, writing
 # ----------------------------------------------------------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA, else MPS, else the CPU; an explicit device must be available."""
-    if name == "auto":
-        return default_device()
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available here (use --device auto or cpu)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was requested but MPS is not available here (use --device auto or cpu)")
-    return torch.device(name)
-
-
 def image_size(model: DDPM) -> tuple[int, int, int]:
     """(C, H, W) of the images the model's U-Net makes."""
     network = model.nn_model
@@ -175,13 +162,6 @@ def make_parent_folder(path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit code 2), like every other error here."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared with visualize.py: checkpoint, guidance, seed, device."""
@@ -264,15 +244,6 @@ def main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` (default: sys.argv[1:]) and sample; errors are one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     exit_on_error(run, args)
-
-
-def exit_on_error(command, args: argparse.Namespace) -> None:
-    """Run command(args); a bad checkpoint, argument or output path ends the program with one line, exit code 2."""
-    try:
-        command(args)
-    except (CheckpointError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

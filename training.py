@@ -15,7 +15,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -25,8 +24,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import utils
-from checkpoints import CheckpointError, config_differences, load_checkpoint, save_checkpoint, MODEL_KEYS
-from ddpm import DDPM, LOSS_TYPES, SAMPLERS, SCHEDULES, class_grid_conditions, default_device
+from checkpoints import CheckpointError, config_differences, load_checkpoint, save_checkpoint
+from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
+from ddpm import DDPM, LOSS_TYPES, SAMPLERS, SCHEDULES
 from image_data import DataError, ImageSet, load_builtin, load_image_folder, test_folder_for
 from speed import FastPath, autocast, fast_sampler, make_optimizer, prepare_images, prepare_network
 
@@ -116,7 +116,7 @@ HELP = {
     "resume": "checkpoint to continue from, or 'auto' for the newest in --out",
     "overwrite": "allow a new run to write into an --out that holds another run's checkpoints",
 }
-CHOICES = {"schedule": SCHEDULES, "loss": LOSS_TYPES, "sampler": SAMPLERS, "device": ("auto", "cpu", "cuda", "mps")}
+CHOICES = {"schedule": SCHEDULES, "loss": LOSS_TYPES, "sampler": SAMPLERS, "device": DEVICES}
 OPTIONAL_TYPES = {"image_folder": str, "subset": int, "sample_steps": int, "resume": str}
 GEOMETRY = {"mnist": dict(in_channels=1, image_size=28, n_classes=10),
             "cifar10": dict(in_channels=3, image_size=32, n_classes=10)}
@@ -124,7 +124,7 @@ GEOMETRY = {"mnist": dict(in_channels=1, image_size=28, n_classes=10),
 
 def build_parser(defaults: TrainConfig, description: str) -> argparse.ArgumentParser:
     """A flag for every setting of ``TrainConfig`` that is not fixed by the dataset; help shows the defaults."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
     for item in dataclasses.fields(TrainConfig):
         if item.name not in HELP:
             continue
@@ -144,11 +144,7 @@ def build_parser(defaults: TrainConfig, description: str) -> argparse.ArgumentPa
 def main(defaults: TrainConfig, description: str, argv: list[str] | None = None) -> None:
     """Parse the command line over ``defaults`` and train; errors are one line on stderr and exit code 2."""
     given = vars(build_parser(defaults, description).parse_args(argv))
-    try:
-        train(resolve_config(defaults, given))
-    except (ValueError, CheckpointError, DataError, FileExistsError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(lambda: train(resolve_config(defaults, given)))
 
 
 def resolve_config(defaults: TrainConfig, given: dict) -> TrainConfig:
@@ -184,10 +180,7 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
     if not all(math.isfinite(w) for w in config.guidance):
         raise ValueError(f"--guidance weights must be finite numbers, got {config.guidance}")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available here (use --device auto or cpu)")
-    if config.device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was requested but MPS is not available here (use --device auto or cpu)")
+    resolve_device(config.device)
 
 
 def find_resume_checkpoint(out: str, resume: str) -> str:
@@ -327,7 +320,7 @@ class Run:
 
 def start_ranks(config: TrainConfig) -> tuple[Ranks, torch.device]:
     """Join the torchrun job when there is one (nccl on CUDA, gloo on the CPU) and pick this rank's device."""
-    device = torch.device(default_device() if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Ranks(), device

@@ -19,9 +19,10 @@ import utils
 from checkpoints import load_checkpoint
 from ddpm import DDPM, SCHEDULES, ddpm_schedule
 from image_data import load_builtin, load_image_folder
-from sample import (OneLineParser, add_model_flags, add_sampler_flags, check_classes, check_sampling_arguments,
-                    class_conditions, composed_mixture_conditions, convex_mixture_conditions, exit_on_error,
-                    generate, image_size, make_parent_folder, resolve_device)
+from cli import OneLineParser, exit_on_error, resolve_device
+from sample import (add_model_flags, add_sampler_flags, check_classes, check_sampling_arguments,
+                    class_conditions, composed_mixture_conditions, convex_mixture_conditions,
+                    generate, image_size, make_parent_folder)
 from training import GEOMETRY, to_model_scale
 
 STRIP_PARTS = 8      # the strips show t = k T / 8, k = 0..8
@@ -172,7 +173,7 @@ def mixture_rows(model: DDPM, a: int, b: int, args: argparse.Namespace) -> tuple
     built = [(class_conditions([a], n, k, w), f"class {a}"),
              (class_conditions([b], n, k, w), f"class {b}"),
              (convex_mixture_conditions(mixture, n, k, w), f"convex\nc = 0.5 e{a} + 0.5 e{b}"),
-             (composed_mixture_conditions(mixture, n, k, w), f"composed\nw_i = (1 + w) / 2")]
+             (composed_mixture_conditions(mixture, n, k, w), "composed\nw_i = (1 + w) / 2")]
     rows = [generate(model, conditions, weights, args.sampler, args.steps, args.eta, args.seed)[0]
             for (conditions, weights), _ in built]
     return rows, [label for _, label in built]

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,3 +39,17 @@ class StubNetwork(nn.Module):
 @pytest.fixture
 def stub():
     return StubNetwork()
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """10 class folders of 6 random 20x20 grey PNGs (resized to 28x28 on loading)."""
+    root = tmp_path_factory.mktemp("digits") / "train"
+    generator = torch.Generator().manual_seed(0)
+    for label in range(10):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(6):
+            pixels = (torch.rand(20, 20, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")
+    return str(root)

@@ -5,12 +5,10 @@ import sys
 
 import torch
 
-from tests.test_training import image_folder  # noqa: F401  (the tiny image folder fixture)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_two_ranks_end_with_identical_weights_and_write_once(image_folder, tmp_path):  # noqa: F811
+def test_two_ranks_end_with_identical_weights_and_write_once(image_folder, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "run_weights").mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -14,23 +14,9 @@ import training
 from checkpoints import load_checkpoint
 from ddpm import DDPM
 from train_mnist import MNIST
-from training import TrainConfig, resolve_config, train
+from training import resolve_config, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """10 class folders of 6 random 20x20 grey PNGs (resized to 28x28 on loading)."""
-    root = tmp_path_factory.mktemp("digits") / "train"
-    generator = torch.Generator().manual_seed(0)
-    for label in range(10):
-        folder = root / f"class_{label}"
-        folder.mkdir(parents=True)
-        for index in range(6):
-            pixels = (torch.rand(20, 20, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")
-    return str(root)
 
 
 def tiny_config(image_folder, out, **overrides):

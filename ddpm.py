@@ -313,7 +313,7 @@ class DDPM(nn.Module):
 
         Returns (y_0 [N, C, H, W], y_steps numpy [frames, N, C, H, W]) as ``sample`` does.
         """
-        timesteps, keep = self._sampling_plan(sampler, steps)
+        timesteps, keep = self.sampling_plan(sampler, steps)
         was_training = self.training
         self.eval()
         try:
@@ -331,7 +331,7 @@ class DDPM(nn.Module):
             self.train(was_training)
         return y, np.stack(frames)
 
-    def _sampling_plan(self, sampler: str, steps: int | None) -> tuple[list[int], set[int]]:
+    def sampling_plan(self, sampler: str, steps: int | None) -> tuple[list[int], set[int]]:
         """Visited timesteps T = tau_S > ... > tau_1 > 0 (the trailing 0 is y_0) and the steps that keep a frame."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")

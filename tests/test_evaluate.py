@@ -1,0 +1,278 @@
+"""The judge of generated samples: metrics on constructed features, the classifier file, and the CLI end to end."""
+import csv
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import evaluate
+from evaluate import (Classifier, augment, class_accuracy, classify, diversity, frechet_distance,
+                      frechet_distance_from_statistics, load_classifier, save_classifier)
+from train_mnist import MNIST
+from training import TrainConfig, resolve_config, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gaussian_features(n=400, dims=6, seed=0):
+    return torch.randn(n, dims, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---- Frechet distance ------------------------------------------------------------------------------------------
+
+def test_identical_feature_sets_are_at_distance_zero():
+    features = gaussian_features()
+    assert frechet_distance(features, features) == pytest.approx(0, abs=1e-8)
+
+
+def test_distance_grows_with_a_shift_of_the_mean():
+    features = gaussian_features()
+    distances = [frechet_distance(features, features + shift) for shift in (0.5, 1.0, 2.0)]
+    assert distances == sorted(distances) and distances[0] > 0
+    # the covariances are equal, so only ||shift||^2 = dims * shift^2 remains
+    assert distances == pytest.approx([6 * shift ** 2 for shift in (0.5, 1.0, 2.0)], rel=1e-6)
+
+
+def test_one_dimensional_closed_form():
+    """N(1, 2^2) and N(3, 3^2): (1 - 3)^2 + (2 - 3)^2 = 5."""
+    distance = frechet_distance_from_statistics(torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([3.0]),
+                                                torch.tensor([[9.0]]))
+    assert distance == pytest.approx(5.0)
+
+
+def test_diagonal_closed_form_and_rotation_invariance():
+    """Diagonal Gaussians: sum of (mean difference)^2 + (std difference)^2; rotating both spaces alike keeps it."""
+    mean_a, mean_b = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 0.0])
+    std_a, std_b = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 2.0, 1.5])
+    expected = ((mean_a - mean_b) ** 2 + (std_a - std_b) ** 2).sum().item()
+    cov_a, cov_b = torch.diag(std_a ** 2), torch.diag(std_b ** 2)
+    assert frechet_distance_from_statistics(mean_a, cov_a, mean_b, cov_b) == pytest.approx(expected)
+    rotation, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))
+    rotated = frechet_distance_from_statistics(rotation @ mean_a, rotation @ cov_a @ rotation.T, rotation @ mean_b,
+                                               rotation @ cov_b @ rotation.T)
+    assert rotated == pytest.approx(expected)
+
+
+def test_sampled_features_approach_the_closed_form():
+    features = gaussian_features(n=20000, dims=2)
+    scaled = features * torch.tensor([2.0, 1.0]) + torch.tensor([1.0, 0.0])
+    assert frechet_distance(features, scaled) == pytest.approx(1.0 + 1.0, rel=0.05)  # mean 1^2, std (2 - 1)^2
+
+
+# ---- class accuracy --------------------------------------------------------------------------------------------
+
+class BrightnessClassifier(nn.Module):
+    """A perfect judge of images whose constant brightness encodes the class: class k has brightness k / 5 - 0.9."""
+
+    def __init__(self, n_classes=10):
+        super().__init__()
+        self.centers = nn.Parameter(torch.arange(n_classes, dtype=torch.float32) / 5 - 0.9)
+
+    def features(self, images):
+        return images.mean(dim=(1, 2, 3)).unsqueeze(1)         # [N, 1]
+
+    def head(self, features):
+        return -(features - self.centers) ** 2                # [N, n_classes], nearest centre wins
+
+
+def brightness_images(labels, channels=1, size=8):
+    return (labels.float() / 5 - 0.9).view(-1, 1, 1, 1).expand(-1, channels, size, size)
+
+
+def test_a_perfect_classifier_scores_one_on_its_own_images():
+    labels = torch.arange(10).repeat(7)
+    features, predicted = classify(BrightnessClassifier(), brightness_images(labels), batch_size=16)
+    assert features.shape == (70, 1) and features.dtype == torch.float64
+    assert class_accuracy(predicted, labels) == 1.0
+    assert class_accuracy(predicted, (labels + 1) % 10) == 0.0
+
+
+def test_accuracy_is_the_fraction_of_matching_labels():
+    assert class_accuracy(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 3])) == 0.75
+
+
+# ---- diversity -------------------------------------------------------------------------------------------------
+
+def test_identical_samples_have_no_diversity():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    features = torch.tensor([[1.0, 2.0]] * 3 + [[-4.0, 0.0]] * 3)
+    assert diversity(features, labels) == 0.0
+
+
+def test_diversity_averages_the_pairwise_distance_over_classes():
+    labels = torch.tensor([0, 0, 1, 1])
+    features = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [5.0, 8.0]])
+    assert diversity(features, labels) == pytest.approx((1.0 + 3.0) / 2)
+
+
+def test_diversity_grows_with_spread():
+    base, labels = gaussian_features(n=60, dims=4), torch.arange(3).repeat(20)
+    values = [diversity(base * spread, labels) for spread in (0.1, 1.0, 3.0)]
+    assert values == sorted(values) and values[1] == pytest.approx(10 * values[0])
+
+
+def test_noise_floor_parts_are_disjoint_and_as_large_as_the_generated_set():
+    part, rest = evaluate.noise_floor_split(100, 30)
+    assert len(part) == 30 and len(rest) == 70 and not set(part.tolist()) & set(rest.tolist())
+    part, rest = evaluate.noise_floor_split(100, 500)
+    assert len(part) == len(rest) == 50                    # never more than half
+
+
+# ---- the data of a checkpoint ----------------------------------------------------------------------------------
+
+def test_data_flags_replace_the_checkpoint_paths_and_the_whole_test_split_is_kept():
+    saved = dataclasses.asdict(TrainConfig(image_folder="/elsewhere/train", eval_images=500, subset=100))
+    config = evaluate.evaluation_data_config(saved, {})
+    assert (config.image_folder, config.subset) == ("/elsewhere/train", None) and config.eval_images > 10 ** 6
+    assert evaluate.evaluation_data_config(saved, {"image_folder": "mine/train"}).image_folder == "mine/train"
+    builtin = evaluate.evaluation_data_config(saved, {"data_root": "here"})   # --data-root alone: built-in data
+    assert (builtin.data_root, builtin.image_folder) == ("here", None)
+
+
+# ---- the classifier and its file -------------------------------------------------------------------------------
+
+def test_classifier_shapes_and_file_round_trip(tmp_path):
+    classifier = Classifier(3, 10, (4, 8), convs_per_stage=2).eval()
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    assert classifier.features(images).shape == (5, 8) and classifier(images).shape == (5, 10)
+    path = str(tmp_path / "judge.pt")
+    save_classifier(classifier, path, "cifar10", 32, test_accuracy=0.5)
+    loaded, info = load_classifier(path, "cifar10")
+    assert info == {"dataset": "cifar10", "test_accuracy": 0.5, "in_channels": 3, "image_size": 32, "n_classes": 10,
+                    "widths": [4, 8], "convs_per_stage": 2}
+    torch.testing.assert_close(loaded(images), classifier(images))
+
+
+def test_augment_keeps_shapes_and_only_flips_or_shifts():
+    images = torch.rand(6, 3, 8, 8)
+    assert torch.equal(augment(images, shift=0, flip=False), images)
+    flipped = augment(images, shift=0, flip=True)
+    assert all(torch.equal(f, i) or torch.equal(f, i.flip(2)) for f, i in zip(flipped, images))
+    assert augment(images, shift=2, flip=True).shape == images.shape
+
+
+# ---- the command line end to end -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 1-epoch DDPM checkpoint (F = 8, T = 10) on train/ and test/ folders of 10 classes of random 28x28 grey
+    images, and an untrained tiny classifier file."""
+    root = tmp_path_factory.mktemp("evaluate")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("test", 4)):
+        for label in range(10):
+            folder = root / "digits" / split / f"class_{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = (torch.rand(28, 28, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")
+    image_folder = str(root / "digits" / "train")
+    train(resolve_config(MNIST, dict(image_folder=image_folder, cache_dir="", out=str(root / "run"), epochs=1,
+                                     batch_size=16, n_features=8, timesteps=10, guidance=[1.0], eval_every=0,
+                                     device="cpu")))
+    classifier_path = str(root / "judge.pt")
+    torch.manual_seed(0)
+    save_classifier(Classifier(1, 10, (4, 8)), classifier_path, "mnist", 28, test_accuracy=0.1)
+    return {"checkpoint": str(root / "run" / "model_ep1.pth"), "classifier": classifier_path,
+            "image_folder": image_folder, "root": root}
+
+
+def evaluate_argv(run, *extra):
+    return ["--checkpoint", run["checkpoint"], "--classifier", run["classifier"], "--n-per-class", "2",
+            "--device", "cpu", "--cache-dir", "", *extra]
+
+
+def read_rows(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_cli_writes_a_row_for_real_images_and_one_per_weight(tiny_run, capsys):
+    evaluate.main(evaluate_argv(tiny_run, "--guidance", "0", "2", "--batch", "10"))
+    output = capsys.readouterr().out
+    rows = read_rows(os.path.join(tiny_run["root"], "run", "model_ep1_eval.csv"))
+    assert [row["images"] for row in rows] == ["real", "generated", "generated"]
+    assert [row["w"] for row in rows] == ["", "0.0", "2.0"]
+    assert [row["n"] for row in rows] == ["40", "20", "20"]              # 10 x 4 test images, 10 x 2 generated
+    assert [row["steps"] for row in rows[1:]] == ["10", "10"] and rows[1]["sampler"] == "ddpm"
+    for row in rows:
+        assert 0 <= float(row["accuracy"]) <= 1
+        assert math.isfinite(float(row["frechet"])) and float(row["frechet"]) >= 0
+        assert float(row["diversity"]) >= 0 and row["real_diversity"] == rows[0]["diversity"]
+    assert float(rows[1]["seconds"]) >= 0 and "frechet" in output and "model_ep1_eval.csv" in output
+
+
+def test_cli_ddim_with_a_chosen_csv_path(tiny_run, tmp_path):
+    csv_path = tmp_path / "table.csv"
+    evaluate.main(evaluate_argv(tiny_run, "--guidance", "1", "--sampler", "ddim", "--steps", "3", "--csv",
+                                str(csv_path)))
+    rows = read_rows(csv_path)
+    assert len(rows) == 2 and (rows[1]["sampler"], rows[1]["steps"], rows[1]["w"]) == ("ddim", "3", "1.0")
+
+
+def test_cli_trains_and_saves_a_classifier(tiny_run, tmp_path):
+    path = tmp_path / "mnist.pt"
+    evaluate.main(["--train-classifier", "mnist", "--image-folder", tiny_run["image_folder"], "--cache-dir", "",
+                   "--epochs", "1", "--batch", "32", "--classifier", str(path)])
+    _, info = load_classifier(str(path), "mnist")
+    assert (info["dataset"], info["in_channels"], info["image_size"]) == ("mnist", 1, 28)
+    assert 0 <= info["test_accuracy"] <= 1
+
+
+# ---- bad input: one line on stderr, exit code 2 ----------------------------------------------------------------
+
+def cli_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1, error
+    return error
+
+
+def test_missing_and_corrupt_checkpoints(tiny_run, tmp_path, capsys):
+    missing = str(tmp_path / "missing.pth")
+    assert "does not exist" in cli_error(evaluate_argv({**tiny_run, "checkpoint": missing}), capsys)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    assert "corrupt" in cli_error(evaluate_argv({**tiny_run, "checkpoint": str(corrupt)}), capsys)
+
+
+def test_missing_classifier_names_the_command_that_trains_it(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "CLASSIFIER_FOLDER", str(tmp_path))
+    argv = ["--checkpoint", tiny_run["checkpoint"], "--device", "cpu", "--cache-dir", ""]
+    assert "python evaluate.py --train-classifier mnist" in cli_error(argv, capsys)
+
+
+def test_classifier_for_other_images_is_refused(tiny_run, tmp_path, capsys):
+    path = str(tmp_path / "cifar.pt")
+    save_classifier(Classifier(3, 10, (4, 8)), path, "cifar10", 32, test_accuracy=0.1)
+    assert "3x32x32" in cli_error(evaluate_argv({**tiny_run, "classifier": path}), capsys)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": 1}, foreign)
+    assert "not a classifier" in cli_error(evaluate_argv({**tiny_run, "classifier": str(foreign)}), capsys)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--steps", "5"], "ddim"),                           # the DDPM sampler takes all T steps
+    (["--sampler", "ddim", "--steps", "99"], "steps"),
+    (["--n-per-class", "1"], "--n-per-class"),
+    (["--batch", "0"], "--batch"),
+    (["--epochs", "0"], "--epochs"),
+    (["--guidance", "inf"], "--guidance"),
+    (["--image-folder", "/nowhere/train"], "/nowhere/train"),
+])
+def test_bad_settings_give_one_line(tiny_run, capsys, extra, fragment):
+    assert fragment in cli_error(evaluate_argv(tiny_run, *extra), capsys)
+
+
+def test_real_process_exits_with_code_2(tmp_path):
+    result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "none.pth")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -3,11 +3,13 @@
     python bench.py            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, complete sampling runs
     python bench.py --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
     python bench.py --compile  # also measure torch.compile (slow to warm up, excluded from the timing)
+    python bench.py --complete # time complete sampling runs instead of scaling a few timed steps
 
 Training: full steps of the real training loop (``training.training_step``: forward, loss, backward, Adam, EMA)
 on batches drawn from an in-memory uint8 tensor on the device, after warm-up. Sampling: ``DDPM.sample`` with
-guidance (conditional and unconditional halves) for 4 images per class, with the sheet's 400-step DDPM sampler
-and DDIM at 50 and 20 steps. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the
+guidance w = 1 (conditional and unconditional halves) for 4 images per class, with the sheet's 400-step DDPM
+sampler and DDIM at 50 and 20 steps. Each step is one network call on the same batch, so by default a run of
+a few steps is timed and scaled to the whole run; --complete times every complete run. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the
 median round is reported, so that a load change on the machine hits both alike. The last line is JSON.
 """
 import argparse
@@ -28,17 +30,17 @@ CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("
 SAMPLERS = (("ddpm", 400), ("ddim", 50), ("ddim", 20))
 
 
-def variants(device: torch.device, in_channels: int, full: bool, compile_too: bool) -> dict[str, tuple[FastPath, bool]]:
-    """name -> (fast-path choices, compile); the plain path first, the default fast path second."""
-    chosen = {"plain": (FastPath.plain(), False), "fast": (FastPath.for_device(device, in_channels), False)}
+def variants(device: torch.device, full: bool, compile_too: bool) -> dict[str, tuple[FastPath, bool]]:
+    """name -> (fast-path choices, compile the training network); plain first, the default fast path second."""
+    chosen = {"plain": (FastPath.plain(), False), "fast": (FastPath.for_device(device), False)}
     if full:
-        chosen["+fast adam only"] = (FastPath(fast_adam=True), False)
-        chosen["+channels_last only"] = (FastPath(channels_last=True), False)
-        chosen["+fold batchnorm only"] = (FastPath(fold_batchnorm=True), False)
+        chosen["channels_last only"] = (FastPath(train_channels_last=True, sample_channels_last=True), False)
+        chosen["fold batchnorm only"] = (FastPath(fold_batchnorm=True), False)
         if device.type == "cuda":
-            chosen["+bf16 autocast only"] = (FastPath(bf16_autocast=True), False)
+            chosen["fused adam only"] = (FastPath(fused_adam=True), False)
+            chosen["bf16 autocast only"] = (FastPath(bf16_autocast=True), False)
     if compile_too:
-        chosen["fast + compile"] = (FastPath.for_device(device, in_channels), True)
+        chosen["fast + compile"] = (FastPath.for_device(device, compile_sampler=True), True)
     return chosen
 
 
@@ -71,10 +73,10 @@ def training_rounds(dataset: str, n_features: int, device: torch.device, path: F
         yield batch_size * steps / (time.perf_counter() - started)
 
 
-def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, compile_model: bool,
-                    sampler: str, steps: int, timed_steps: int):
-    """Like ``training_rounds`` for guided sampling of 4 images per class; images/s of a run of ``steps`` steps,
-    timed over ``timed_steps`` of them (all of them unless --quick) and scaled to the whole run."""
+def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, per_class: int,
+                    sampler: str, steps: int):
+    """Like ``training_rounds`` for one guided sampling run (w = 1, both halves) of ``per_class`` images per
+    class with ``steps`` steps of ``sampler``; each round yields images/s."""
     geometry = GEOMETRY[dataset]
     config = dict(geometry, n_features=n_features, timesteps=400, beta1=1e-4, beta2=0.02, schedule="linear",
                   drop_prob=0.1, loss="l2")
@@ -82,19 +84,15 @@ def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: F
     model = DDPM.from_config(config, device=device)
     if path != FastPath.plain():
         model = fast_sampler(model, path)
-    if compile_model:
-        model.nn_model = torch.compile(model.nn_model)
     size = (geometry["in_channels"], geometry["image_size"], geometry["image_size"])
-    model.sample(4, size, 10, 1.0, sampler="ddim", steps=2)   # warm-up
+    model.sample(per_class, size, 10, 1.0, sampler="ddim", steps=2)   # warm-up
     synchronize(device)
     yield None
     while True:
         started = time.perf_counter()
-        model.sample(4, size, 10, 1.0, sampler="ddim" if timed_steps < steps else sampler,
-                     steps=timed_steps if timed_steps < steps else (steps if sampler == "ddim" else None))
+        model.sample(per_class, size, 10, 1.0, sampler=sampler, steps=steps if sampler == "ddim" else None)
         synchronize(device)
-        seconds = (time.perf_counter() - started) * steps / timed_steps
-        yield 40 / seconds
+        yield 10 * per_class / (time.perf_counter() - started)
 
 
 def alternate(round_makers: dict, rounds: int) -> dict[str, float]:
@@ -117,22 +115,23 @@ def device_name(device: torch.device) -> str:
 
 def measure(device: torch.device, config_name: str, args) -> dict:
     dataset, n_features = CONFIGS[config_name]
-    chosen = variants(device, GEOMETRY[dataset]["in_channels"], not args.quick, args.compile)
+    chosen = variants(device, not args.quick, args.compile)
     train = alternate({name: (lambda p=path, c=compiled: training_rounds(
         dataset, n_features, device, p, c, args.batch_size, args.train_steps)) for name, (path, compiled) in chosen.items()},
         args.rounds)
     sample = {}
     for sampler, steps in SAMPLERS:
-        timed = min(steps, args.sample_steps_timed) if args.quick else steps
-        sample[f"{sampler}{steps}"] = alternate({name: (lambda p=path, c=compiled: sampling_rounds(
-            dataset, n_features, device, p, c, sampler, steps, timed)) for name, (path, compiled) in chosen.items()},
-            args.rounds if not args.quick else 1)
-        if args.quick:
-            break       # DDIM costs the same per step: --quick times the step once and scales it
-    if args.quick:
-        per_step = sample["ddpm400"]
-        for sampler, steps in SAMPLERS[1:]:
-            sample[f"{sampler}{steps}"] = {name: value * 400 / steps for name, value in per_step.items()}
+        timed = steps if args.complete else min(steps, args.timed_steps)
+        # every step costs one network call on the same batch: a run of `timed` DDIM steps times the step,
+        # scaled to the whole run, unless --complete times the whole run of this sampler itself
+        rates = alternate({name: (lambda p=path: sampling_rounds(
+            dataset, n_features, device, p, args.per_class, sampler if args.complete else "ddim", timed))
+            for name, (path, _) in chosen.items()}, args.rounds)
+        sample[f"{sampler}{steps}"] = {name: rate * timed / steps for name, rate in rates.items()}
+        if not args.complete:
+            for other, other_steps in SAMPLERS[1:]:
+                sample[f"{other}{other_steps}"] = {name: rate * timed / other_steps for name, rate in rates.items()}
+            break
     return {"device": device_name(device), "config": config_name, "n_features": n_features,
             "batch_size": args.batch_size, "fast_path": {name: path.describe() for name, (path, _) in chosen.items()},
             "train_img_s": train, "sample_img_s": sample}
@@ -156,17 +155,21 @@ def print_table(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="plain vs fast only, MNIST and CIFAR-10 F=32, "
-                        "sampling timed over a few steps and scaled")
+                        "one round, 2 training steps and 8 sampling steps timed")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (the scripts' default)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant")
-    parser.add_argument("--sample-steps-timed", type=int, default=8, help="--quick: sampling steps timed")
+    parser.add_argument("--timed-steps", type=int, default=None, help="sampling steps timed per round and scaled "
+                        "to the whole run (default: 8 with --quick, else 40)")
+    parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
+    parser.add_argument("--per-class", type=int, default=4, help="images per class in a sampling run (default 4)")
     args = parser.parse_args()
     args.train_steps = args.train_steps or (2 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.timed_steps = args.timed_steps or (8 if args.quick else 40)
     configs = args.configs or (["mnist", "cifar10"] if args.quick else list(CONFIGS))
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     results = []

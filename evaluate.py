@@ -320,7 +320,7 @@ def load_model(path: str, device: torch.device) -> tuple[DDPM, dict]:
     """The checkpoint's DDPM (EMA weights when kept) on the fast path of ``device``, and its training config."""
     model = DDPM.from_checkpoint(path, device=device)
     config = load_checkpoint(path)["config"]
-    return fast_sampler(model, FastPath.for_device(device, config["in_channels"])), config
+    return fast_sampler(model, FastPath.for_device(device)), config
 
 
 def evaluation_data_config(saved: dict, flags: dict) -> TrainConfig:

@@ -1,15 +1,19 @@
-"""The fast path: per-device choices that bench.py measured to pay, and the helpers that apply them.
+"""The fast path: per-device choices that bench.py measured, and the helpers that apply them.
 
-``FastPath.plain()`` is the straightforward path (fp32, eager, default memory format, default Adam).
-``FastPath.for_device(device, in_channels)`` is the default fast path; each choice is justified by the table
-in README.txt, produced by ``python bench.py``:
+``FastPath.plain()`` is the straightforward path (fp32, eager, default memory format, per-tensor Adam).
+``FastPath.for_device(device)`` is the default fast path. Measured on the 2-core CPU (README.txt, "Measured
+speed", python bench.py): for sampling, BatchNorm folded into the convolutions plus channels_last gave 1.2x
+(MNIST) and 1.4x (CIFAR-10); for training, none of channels_last, foreach Adam or torch.compile changed the
+speed beyond the noise (0.92x-1.05x), so training on the CPU stays plain. On CUDA the choices are the standard
+ones for convolutional networks (channels_last for the tensor cores, bf16 autocast, fused Adam); they have not
+been measured by this project yet (no GPU was available), and --no-fast turns them off.
 
-- channels_last: NHWC convolutions. On the CPU it pays for the 3-channel CIFAR-10 shape but made the
-  1-channel MNIST shape slower, so it is chosen by channel count there; on CUDA it feeds the tensor cores.
+- channels_last: NHWC convolutions (oneDNN on the CPU, tensor cores on CUDA).
 - bf16 autocast: CUDA only; this AVX2 CPU has no bf16 units and runs it far slower.
-- fused (CUDA) / foreach (CPU) Adam: one kernel, or one loop, over all parameters instead of one per tensor.
-- BatchNorm folded into the preceding convolution for sampling: the network is in eval mode there, so
-  BatchNorm is a fixed affine map that ``torch.nn.utils.fusion.fuse_conv_bn_eval`` merges into the conv.
+- fused Adam: one kernel over all parameters instead of several per tensor (CUDA).
+- BatchNorm folding: in eval mode BatchNorm is a fixed affine map, which
+  ``torch.nn.utils.fusion.fuse_conv_bn_eval`` merges into the preceding convolution (sampling only).
+- compile: torch.compile of the sampling network (opt-in: 25-30 s of compilation on the CPU, then 1.6-1.8x).
 """
 import contextlib
 import copy
@@ -22,20 +26,24 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 @dataclass(frozen=True)
 class FastPath:
-    channels_last: bool = False
+    train_channels_last: bool = False
+    sample_channels_last: bool = False
     bf16_autocast: bool = False
-    fast_adam: bool = False
+    fused_adam: bool = False
     fold_batchnorm: bool = False
+    compile_sampler: bool = False
 
     @classmethod
     def plain(cls) -> "FastPath":
         return cls()
 
     @classmethod
-    def for_device(cls, device: torch.device, in_channels: int) -> "FastPath":
+    def for_device(cls, device: torch.device, compile_sampler: bool = False) -> "FastPath":
+        """The default fast path of a device (see the module docstring for the measurements behind it)."""
         if device.type == "cuda":
-            return cls(channels_last=True, bf16_autocast=True, fast_adam=True, fold_batchnorm=True)
-        return cls(channels_last=in_channels == 3, bf16_autocast=False, fast_adam=True, fold_batchnorm=True)
+            return cls(train_channels_last=True, sample_channels_last=True, bf16_autocast=True, fused_adam=True,
+                       fold_batchnorm=True, compile_sampler=compile_sampler)
+        return cls(sample_channels_last=True, fold_batchnorm=True, compile_sampler=compile_sampler)
 
     def describe(self) -> str:
         chosen = [name for name, on in vars(self).items() if on]
@@ -43,22 +51,20 @@ class FastPath:
 
 
 def make_optimizer(parameters, lr: float, device: torch.device, path: FastPath) -> torch.optim.Adam:
-    """Adam with a constant learning rate; fused on CUDA or foreach on the CPU when the fast path asks."""
-    if not path.fast_adam:
-        return torch.optim.Adam(parameters, lr=lr, foreach=False)
-    if device.type == "cuda":
+    """Adam with a constant learning rate: fused when the fast path asks (CUDA), else per tensor."""
+    if path.fused_adam and device.type == "cuda":
         return torch.optim.Adam(parameters, lr=lr, fused=True)
-    return torch.optim.Adam(parameters, lr=lr, foreach=True)
+    return torch.optim.Adam(parameters, lr=lr, foreach=False)
 
 
-def prepare_images(images: torch.Tensor, path: FastPath) -> torch.Tensor:
-    """A batch [N, C, H, W] in the memory format the fast path trains in."""
-    return images.contiguous(memory_format=torch.channels_last) if path.channels_last else images
+def to_channels_last(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch [N, C, H, W] in channels_last memory format when asked (same shape and values)."""
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def prepare_network(network: nn.Module, path: FastPath) -> nn.Module:
-    """Put the network's weights in the fast path's memory format (in place); returns the network."""
-    return network.to(memory_format=torch.channels_last) if path.channels_last else network
+def network_to_channels_last(network: nn.Module, channels_last: bool) -> nn.Module:
+    """Put the network's weights in channels_last memory format when asked (in place); returns the network."""
+    return network.to(memory_format=torch.channels_last) if channels_last else network
 
 
 def autocast(device: torch.device, path: FastPath):
@@ -70,21 +76,23 @@ def autocast(device: torch.device, path: FastPath):
 
 class FastInference(nn.Module):
     """Wraps a copy of the network for sampling: BatchNorm folded into the convolutions, channels_last inputs,
-    bf16 autocast; returns fp32 noise [N, C, H, W]. Keeps the attributes DDPM reads (n_classes, ...)."""
+    bf16 autocast, torch.compile, as the fast path says; returns fp32 noise [N, C, H, W]. Keeps the attributes
+    DDPM and the tools read (n_classes, in_channels, height, n_features)."""
 
     def __init__(self, network: nn.Module, path: FastPath):
         super().__init__()
         network = copy.deepcopy(network).eval()
         if path.fold_batchnorm:
             fold_batchnorm(network)
-        self.network = prepare_network(network, path)
+        self.network = network_to_channels_last(network, path.sample_channels_last)
+        self.call = torch.compile(self.network) if path.compile_sampler else self.network
         self.path = path
         for name in ("n_classes", "in_channels", "height", "n_features"):
             setattr(self, name, getattr(network, name))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.path):
-            return self.network(prepare_images(x, self.path), t, c).float()
+            return self.call(to_channels_last(x, self.path.sample_channels_last), t, c).float()
 
 
 def fold_batchnorm(network: nn.Module) -> nn.Module:

@@ -28,7 +28,7 @@ from checkpoints import CheckpointError, config_differences, load_checkpoint, sa
 from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
 from ddpm import DDPM, LOSS_TYPES, SAMPLERS, SCHEDULES
 from image_data import DataError, ImageSet, load_builtin, load_image_folder, test_folder_for
-from speed import FastPath, autocast, fast_sampler, make_optimizer, prepare_images, prepare_network
+from speed import FastPath, autocast, fast_sampler, make_optimizer, network_to_channels_last, to_channels_last
 
 CHECKPOINT_NAME = re.compile(r"^model_ep(\d+)(?:_step(\d+))?\.pth$")
 
@@ -111,8 +111,8 @@ HELP = {
     "subset": "train on the first N training images only",
     "device": "auto picks cuda, then mps, then cpu",
     "seed": "random seed of the run",
-    "fast": "the measured fast path (memory format, autocast, Adam kernel, BatchNorm folding for sampling)",
-    "compile": "torch.compile the U-Net",
+    "fast": "the measured fast path of speed.py (memory format, autocast, Adam kernel, BatchNorm folding)",
+    "compile": "torch.compile the U-Net for training and sampling",
     "resume": "checkpoint to continue from, or 'auto' for the newest in --out",
     "overwrite": "allow a new run to write into an --out that holds another run's checkpoints",
 }
@@ -341,8 +341,8 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: Fas
     torch.manual_seed(config.seed)
     model = DDPM.from_config(dataclasses.asdict(config), device=device).train()
     if path is None:
-        path = FastPath.for_device(device, config.in_channels) if config.fast else FastPath.plain()
-    prepare_network(model.nn_model, path)
+        path = FastPath.for_device(device, config.compile) if config.fast else FastPath.plain()
+    network_to_channels_last(model.nn_model, path.train_channels_last)
     optimizer = make_optimizer(model.nn_model.parameters(), config.lr, device, path)
     ema = make_ema(model, config.ema_decay)
     state = restore(config.resume, model, optimizer, ema, device) if config.resume else RunState()
@@ -467,7 +467,7 @@ def train_one_epoch(run: Run, images: torch.Tensor, labels: torch.Tensor, epoch:
 def training_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One step of Algorithm 1 on a uint8 batch [B, C, H, W]: loss, backward, Adam step, EMA update."""
     config = run.config
-    y = prepare_images(to_model_scale(images), run.path)
+    y = to_channels_last(to_model_scale(images), run.path.train_channels_last)
     if config.flip:
         y = torch.where(torch.rand(len(y), 1, 1, 1, device=y.device) < 0.5, y.flip(3), y)
     c = F.one_hot(labels, config.n_classes).float()

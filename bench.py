@@ -1,16 +1,17 @@
 """Measure training and sampling throughput (images/s), the plain path and the fast path side by side.
 
-    python bench.py            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, complete sampling runs
+    python bench.py            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, 3 rounds
     python bench.py --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
     python bench.py --compile  # also measure torch.compile (slow to warm up, excluded from the timing)
     python bench.py --complete # time complete sampling runs instead of scaling a few timed steps
 
 Training: full steps of the real training loop (``training.training_step``: forward, loss, backward, Adam, EMA)
-on batches drawn from an in-memory uint8 tensor on the device, after warm-up. Sampling: ``DDPM.sample`` with
-guidance w = 1 (conditional and unconditional halves) for 4 images per class, with the sheet's 400-step DDPM
-sampler and DDIM at 50 and 20 steps. Each step is one network call on the same batch, so by default a run of
-a few steps is timed and scaled to the whole run; --complete times every complete run. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the
-median round is reported, so that a load change on the machine hits both alike. The last line is JSON.
+on batches drawn from an in-memory uint8 tensor on the device, after warm-up. Sampling: ``DDPM.sample`` for
+4 images per class with guidance w = 1 (conditional and unconditional halves; --guidance 0 needs only the
+first), with the sheet's 400-step DDPM sampler and DDIM at 50 and 20 steps. Each step is one network call on
+the same batch, so by default a run of a few steps is timed and scaled to the whole run; --complete times
+every complete run. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the median
+round is reported, so that a load change on the machine hits both alike. The last line is JSON.
 """
 import argparse
 import json
@@ -30,9 +31,10 @@ CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("
 SAMPLERS = (("ddpm", 400), ("ddim", 50), ("ddim", 20))
 
 
-def variants(device: torch.device, full: bool, compile_too: bool) -> dict[str, tuple[FastPath, bool]]:
+def variants(device: torch.device, in_channels: int, full: bool,
+             compile_too: bool) -> dict[str, tuple[FastPath, bool]]:
     """name -> (fast-path choices, compile the training network); plain first, the default fast path second."""
-    chosen = {"plain": (FastPath.plain(), False), "fast": (FastPath.for_device(device), False)}
+    chosen = {"plain": (FastPath.plain(), False), "fast": (FastPath.for_device(device, in_channels), False)}
     if full:
         chosen["channels_last only"] = (FastPath(train_channels_last=True, sample_channels_last=True), False)
         chosen["fold batchnorm only"] = (FastPath(fold_batchnorm=True), False)
@@ -40,7 +42,7 @@ def variants(device: torch.device, full: bool, compile_too: bool) -> dict[str, t
             chosen["fused adam only"] = (FastPath(fused_adam=True), False)
             chosen["bf16 autocast only"] = (FastPath(bf16_autocast=True), False)
     if compile_too:
-        chosen["fast + compile"] = (FastPath.for_device(device, compile_sampler=True), True)
+        chosen["fast + compile"] = (FastPath.for_device(device, in_channels, compile_sampler=True), True)
     return chosen
 
 
@@ -74,9 +76,10 @@ def training_rounds(dataset: str, n_features: int, device: torch.device, path: F
 
 
 def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, per_class: int,
-                    sampler: str, steps: int):
-    """Like ``training_rounds`` for one guided sampling run (w = 1, both halves) of ``per_class`` images per
-    class with ``steps`` steps of ``sampler``; each round yields images/s."""
+                    sampler: str, steps: int, guidance: float):
+    """Like ``training_rounds`` for one guided sampling run of ``per_class`` images per class with ``steps`` steps
+    of ``sampler`` and guidance weight ``guidance`` (w = 0 needs no unconditional half); each round yields
+    images/s."""
     geometry = GEOMETRY[dataset]
     config = dict(geometry, n_features=n_features, timesteps=400, beta1=1e-4, beta2=0.02, schedule="linear",
                   drop_prob=0.1, loss="l2")
@@ -85,12 +88,12 @@ def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: F
     if path != FastPath.plain():
         model = fast_sampler(model, path)
     size = (geometry["in_channels"], geometry["image_size"], geometry["image_size"])
-    model.sample(per_class, size, 10, 1.0, sampler="ddim", steps=2)   # warm-up
+    model.sample(per_class, size, 10, guidance, sampler="ddim", steps=2)   # warm-up
     synchronize(device)
     yield None
     while True:
         started = time.perf_counter()
-        model.sample(per_class, size, 10, 1.0, sampler=sampler, steps=steps if sampler == "ddim" else None)
+        model.sample(per_class, size, 10, guidance, sampler=sampler, steps=steps if sampler == "ddim" else None)
         synchronize(device)
         yield 10 * per_class / (time.perf_counter() - started)
 
@@ -115,7 +118,7 @@ def device_name(device: torch.device) -> str:
 
 def measure(device: torch.device, config_name: str, args) -> dict:
     dataset, n_features = CONFIGS[config_name]
-    chosen = variants(device, not args.quick, args.compile)
+    chosen = variants(device, GEOMETRY[dataset]["in_channels"], not args.quick, args.compile)
     train = alternate({name: (lambda p=path, c=compiled: training_rounds(
         dataset, n_features, device, p, c, args.batch_size, args.train_steps)) for name, (path, compiled) in chosen.items()},
         args.rounds)
@@ -125,21 +128,23 @@ def measure(device: torch.device, config_name: str, args) -> dict:
         # every step costs one network call on the same batch: a run of `timed` DDIM steps times the step,
         # scaled to the whole run, unless --complete times the whole run of this sampler itself
         rates = alternate({name: (lambda p=path: sampling_rounds(
-            dataset, n_features, device, p, args.per_class, sampler if args.complete else "ddim", timed))
+            dataset, n_features, device, p, args.per_class, sampler if args.complete else "ddim", timed,
+            args.guidance))
             for name, (path, _) in chosen.items()}, args.rounds)
         sample[f"{sampler}{steps}"] = {name: rate * timed / steps for name, rate in rates.items()}
         if not args.complete:
             for other, other_steps in SAMPLERS[1:]:
                 sample[f"{other}{other_steps}"] = {name: rate * timed / other_steps for name, rate in rates.items()}
             break
-    return {"device": device_name(device), "config": config_name, "n_features": n_features,
+    return {"device": device_name(device), "config": config_name, "n_features": n_features, "guidance": args.guidance,
             "batch_size": args.batch_size, "fast_path": {name: path.describe() for name, (path, _) in chosen.items()},
             "train_img_s": train, "sample_img_s": sample}
 
 
 def print_table(result: dict) -> None:
     names = list(result["train_img_s"])
-    print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; training batch {result['batch_size']}")
+    print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; training batch {result['batch_size']}, "
+          f"sampling with w = {result['guidance']:g}")
     print(f"  {'path':<24}{'train img/s':>12}" + "".join(f"{key + ' img/s':>14}" for key in result["sample_img_s"]))
     for name in names:
         row = f"  {name:<24}{result['train_img_s'][name]:>12.1f}"
@@ -166,6 +171,8 @@ def main() -> None:
                         "to the whole run (default: 8 with --quick, else 40)")
     parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
     parser.add_argument("--per-class", type=int, default=4, help="images per class in a sampling run (default 4)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="guidance weight w of the sampling runs "
+                        "(default 1; 0 drops the unconditional half of the batch)")
     args = parser.parse_args()
     args.train_steps = args.train_steps or (2 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 3)

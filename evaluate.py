@@ -33,8 +33,8 @@ from tqdm import tqdm
 from checkpoints import load_checkpoint, save_checkpoint
 from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
 from ddpm import DDPM, SAMPLERS
-from speed import FastPath, fast_sampler
 from image_data import DataError, ImageSet
+from speed import load_fast_sampler
 from train_cifar10 import CIFAR10
 from train_mnist import MNIST
 from training import TrainConfig, load_data, resolve_config, to_model_scale
@@ -318,9 +318,7 @@ def noise_floor_split(n_real: int, n_generated: int, seed: int = 0) -> tuple[tor
 
 def load_model(path: str, device: torch.device) -> tuple[DDPM, dict]:
     """The checkpoint's DDPM (EMA weights when kept) on the fast path of ``device``, and its training config."""
-    model = DDPM.from_checkpoint(path, device=device)
-    config = load_checkpoint(path)["config"]
-    return fast_sampler(model, FastPath.for_device(device)), config
+    return load_fast_sampler(path, device), load_checkpoint(path)["config"]
 
 
 def evaluation_data_config(saved: dict, flags: dict) -> TrainConfig:

@@ -29,6 +29,7 @@ from torchvision.utils import save_image
 import utils
 from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
 from ddpm import DDPM, SAMPLERS
+from speed import load_fast_sampler
 
 MAX_GRID_COLUMNS = 8                       # a mixture's n images are laid out row-major, this many per row
 DEFAULT_DDIM_STEPS = 50
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> None:
     if args.mix is not None:
         parse_mixture(args.mix)                         # syntax errors before the (slow) model load
     started = time.perf_counter()
-    model = DDPM.from_checkpoint(args.checkpoint, resolve_device(args.device))
+    model = load_fast_sampler(args.checkpoint, resolve_device(args.device))
     conditions, weights, columns, description = requested_conditions(args, model.n_classes)
     images, frames = generate(model, conditions, weights, args.sampler, args.steps, args.eta, args.seed)
     save_grid(images, args.out, columns)

@@ -3,8 +3,8 @@
 ``FastPath.plain()`` is the straightforward path (fp32, eager, default memory format, per-tensor Adam).
 ``FastPath.for_device(device)`` is the default fast path. Measured on the 2-core CPU (README.txt, "Measured
 speed", python bench.py): for sampling, BatchNorm folded into the convolutions plus channels_last gave 1.2x
-(MNIST) and 1.4x (CIFAR-10); for training, none of channels_last, foreach Adam or torch.compile changed the
-speed beyond the noise (0.92x-1.05x), so training on the CPU stays plain. On CUDA the choices are the standard
+(MNIST) and 1.2x-1.5x (CIFAR-10); for training, foreach Adam and torch.compile changed nothing beyond the noise
+(0.92x-1.03x), and channels_last gave the 3-channel CIFAR-10 shape 1.05x-1.16x, so it alone is kept there. On CUDA the choices are the standard
 ones for convolutional networks (channels_last for the tensor cores, bf16 autocast, fused Adam); they have not
 been measured by this project yet (no GPU was available), and --no-fast turns them off.
 
@@ -38,12 +38,14 @@ class FastPath:
         return cls()
 
     @classmethod
-    def for_device(cls, device: torch.device, compile_sampler: bool = False) -> "FastPath":
-        """The default fast path of a device (see the module docstring for the measurements behind it)."""
+    def for_device(cls, device: torch.device, in_channels: int = 3, compile_sampler: bool = False) -> "FastPath":
+        """The default fast path of a device for images of ``in_channels`` channels (see the module docstring
+        for the measurements behind it)."""
         if device.type == "cuda":
             return cls(train_channels_last=True, sample_channels_last=True, bf16_autocast=True, fused_adam=True,
                        fold_batchnorm=True, compile_sampler=compile_sampler)
-        return cls(sample_channels_last=True, fold_batchnorm=True, compile_sampler=compile_sampler)
+        return cls(train_channels_last=in_channels == 3, sample_channels_last=True, fold_batchnorm=True,
+                   compile_sampler=compile_sampler)
 
     def describe(self) -> str:
         chosen = [name for name, on in vars(self).items() if on]
@@ -115,3 +117,10 @@ def fast_sampler(model, path: FastPath, network: nn.Module | None = None):
     network = model.nn_model if network is None else network
     return DDPM(FastInference(network, path), model.beta1, model.beta2, model.n_timesteps,
                 device=model.device, drop_prob=model.drop_prob, schedule=model.schedule, loss_type=model.loss_type)
+
+
+def load_fast_sampler(path: str, device: torch.device, compile_sampler: bool = False):
+    """``DDPM.from_checkpoint`` (EMA weights when kept) on the default fast path of ``device``, ready to sample."""
+    from ddpm import DDPM
+    model = DDPM.from_checkpoint(path, device=device)
+    return fast_sampler(model, FastPath.for_device(device, model.nn_model.in_channels, compile_sampler))

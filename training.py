@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import utils
 from checkpoints import CheckpointError, config_differences, load_checkpoint, save_checkpoint
 from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
 from ddpm import DDPM, LOSS_TYPES, SAMPLERS, SCHEDULES
+from ema import EMA
 from image_data import DataError, ImageSet, load_builtin, load_image_folder, test_folder_for
 from speed import FastPath, autocast, fast_sampler, make_optimizer, network_to_channels_last, to_channels_last
 
@@ -308,7 +308,7 @@ class Run:
     model: DDPM
     network: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    ema: AveragedModel | None
+    ema: EMA | None
     path: FastPath
     ranks: Ranks
     state: RunState
@@ -341,7 +341,7 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: Fas
     torch.manual_seed(config.seed)
     model = DDPM.from_config(dataclasses.asdict(config), device=device).train()
     if path is None:
-        path = FastPath.for_device(device, config.compile) if config.fast else FastPath.plain()
+        path = FastPath.for_device(device, config.in_channels, config.compile) if config.fast else FastPath.plain()
     network_to_channels_last(model.nn_model, path.train_channels_last)
     optimizer = make_optimizer(model.nn_model.parameters(), config.lr, device, path)
     ema = make_ema(model, config.ema_decay)
@@ -477,7 +477,7 @@ def training_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch
     loss.backward()
     run.optimizer.step()
     if run.ema is not None:
-        run.ema.update_parameters(run.model.nn_model)
+        run.ema.update(run.model.nn_model)
     return loss
 
 
@@ -509,11 +509,9 @@ def training_loss(model: DDPM, network: torch.nn.Module, y: torch.Tensor, c: tor
         model.nn_model = original
 
 
-def make_ema(model: DDPM, decay: float) -> AveragedModel | None:
+def make_ema(model: DDPM, decay: float) -> EMA | None:
     """An exponential moving average of the U-Net's weights and BatchNorm statistics (None when decay is 0)."""
-    if decay == 0:
-        return None
-    return AveragedModel(model.nn_model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return EMA(model.nn_model, decay) if decay > 0 else None
 
 
 def model_for_sampling(run: Run) -> DDPM:
@@ -595,7 +593,7 @@ def save_run(run: Run, name: str) -> str:
     save_checkpoint({
         "model": run.model.nn_model.state_dict(),
         "ema": None if run.ema is None else run.ema.module.state_dict(),
-        "ema_updates": None if run.ema is None else int(run.ema.n_averaged),
+        "ema_updates": None if run.ema is None else run.ema.updates,
         "optimizer": run.optimizer.state_dict(),
         "epoch": run.state.epoch,
         "step": run.state.step,
@@ -631,8 +629,8 @@ def restore(path: str, model: DDPM, optimizer, ema, device: torch.device) -> Run
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path} does not fit this model: {str(error).splitlines()[0][:300]}") from None
     if ema is not None:
-        ema.module.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
-        ema.n_averaged.fill_(checkpoint.get("ema_updates") or 1)
+        ema.load_state_dict({"weights": checkpoint.get("ema") or checkpoint["model"],
+                             "updates": checkpoint.get("ema_updates") or 0})
     rng = checkpoint.get("rng") or {}
     if "cpu" in rng:
         torch.set_rng_state(rng["cpu"].cpu())

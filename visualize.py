@@ -17,12 +17,13 @@ from torch import nn
 
 import utils
 from checkpoints import load_checkpoint
+from cli import OneLineParser, exit_on_error, resolve_device
 from ddpm import DDPM, SCHEDULES, ddpm_schedule
 from image_data import load_builtin, load_image_folder
-from cli import OneLineParser, exit_on_error, resolve_device
 from sample import (add_model_flags, add_sampler_flags, check_classes, check_sampling_arguments,
                     class_conditions, composed_mixture_conditions, convex_mixture_conditions,
                     generate, image_size, make_parent_folder)
+from speed import load_fast_sampler
 from training import GEOMETRY, to_model_scale
 
 STRIP_PARTS = 8      # the strips show t = k T / 8, k = 0..8
@@ -136,7 +137,7 @@ def reverse_frames(model: DDPM, label: int, guidance: float, timesteps: list[int
 
 def draw_reverse(args: argparse.Namespace) -> str:
     check_sampling_arguments(args)
-    model = DDPM.from_checkpoint(args.checkpoint, resolve_device(args.device))
+    model = load_fast_sampler(args.checkpoint, resolve_device(args.device))
     check_classes([args.label], model.n_classes)
     timesteps = strip_timesteps(model.n_timesteps)[::-1]
     frames = reverse_frames(model, args.label, args.guidance, timesteps, args.seed)
@@ -182,7 +183,7 @@ def mixture_rows(model: DDPM, a: int, b: int, args: argparse.Namespace) -> tuple
 def draw_mixtures(args: argparse.Namespace) -> str:
     check_sampling_arguments(args)
     pairs = [parse_pair(text) for text in args.pairs]
-    model = DDPM.from_checkpoint(args.checkpoint, resolve_device(args.device))
+    model = load_fast_sampler(args.checkpoint, resolve_device(args.device))
     rows, labels, group_titles = [], [], []
     for a, b in pairs:
         check_classes([a, b], model.n_classes)

@@ -60,7 +60,8 @@ def load_builtin(name: str, root: str, train: bool) -> ImageSet:
 def load_image_folder(folder: str, channels: int, size: int, cache_dir: str | None = None) -> ImageSet:
     """A class-per-subfolder image set (torchvision ImageFolder, classes in sorted folder order), decoded once.
 
-    Images are converted to ``channels`` (1: grey, 3: RGB) and resized to size x size. When ``cache_dir`` is given,
+    Images are converted to ``channels`` (1: grey, 3: RGB), resized to size x size, and listed in a fixed
+    shuffled order, so that the first N images (--subset N) hold every class. When ``cache_dir`` is given,
     the decoded tensors are kept there (never inside the data folder, which may be read-only).
     """
     if not os.path.isdir(folder):
@@ -72,7 +73,7 @@ def load_image_folder(folder: str, channels: int, size: int, cache_dir: str | No
     cache_path = _cache_path(folder, channels, size, cache_dir)
     if cache_path and os.path.isfile(cache_path):
         cached = torch.load(cache_path, weights_only=True)
-        return ImageSet(cached["images"], cached["labels"], cached["classes"])
+        return _interleaved(ImageSet(cached["images"], cached["labels"], cached["classes"]))
     mode = "L" if channels == 1 else "RGB"
     to_tensor = transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()])
     try:
@@ -87,7 +88,13 @@ def load_image_folder(folder: str, channels: int, size: int, cache_dir: str | No
         from checkpoints import save_checkpoint  # the same atomic write as the checkpoints
         save_checkpoint({"images": image_set.images, "labels": image_set.labels, "classes": image_set.classes},
                         cache_path)
-    return image_set
+    return _interleaved(image_set)
+
+
+def _interleaved(image_set: ImageSet) -> ImageSet:
+    """The images in a fixed shuffled order: ImageFolder lists them class by class, and --subset N takes the
+    first N, which then would all be of the first class."""
+    return image_set.select(torch.randperm(len(image_set), generator=torch.Generator().manual_seed(0)))
 
 
 def _open_image(path: str, mode: str):

@@ -235,17 +235,16 @@ def to_model_scale(images: torch.Tensor) -> torch.Tensor:
 
 
 def real_examples(image_set: ImageSet, n_per_class: int, n_classes: int) -> torch.Tensor:
-    """The first n_per_class images of each class, ordered class-fastest like the generated grid: [n*K, C, H, W]."""
+    """The first n_per_class images of each class, ordered class-fastest like the generated grid: [n*K, C, H, W]
+    in [-1, 1]. A class with fewer images (a small --subset) repeats them, or is black when it has none."""
+    black = torch.zeros_like(image_set.images[:1])
     per_class = []
     for label in range(n_classes):
-        indices = (image_set.labels == label).nonzero().flatten()[:n_per_class]
-        if len(indices) < n_per_class:
-            indices = indices.repeat(n_per_class)[:n_per_class] if len(indices) else indices
-        per_class.append(indices)
-    if any(len(indices) == 0 for indices in per_class):
-        return to_model_scale(image_set.images[:0])
-    order = torch.stack(per_class, dim=1).flatten()        # row r holds the r-th example of every class
-    return to_model_scale(image_set.images[order])
+        images = image_set.images[image_set.labels == label][:n_per_class]
+        if len(images) == 0:
+            images = black
+        per_class.append(images.repeat(math.ceil(n_per_class / len(images)), 1, 1, 1)[:n_per_class])
+    return to_model_scale(torch.stack(per_class, dim=1).flatten(0, 1))   # row r holds the r-th of every class
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -205,3 +205,18 @@ def test_non_finite_loss_stops_with_epoch_and_step(image_folder, tmp_path, monke
     error = run_cli(tiny_argv(image_folder, out, "--resume", "auto", "--epochs", "2"), capsys)
     assert "epoch 2, step 1" in error
     assert (out / "model_ep1.pth").read_bytes() == before
+
+
+def test_real_examples_are_class_fastest_and_fill_missing_classes():
+    from image_data import ImageSet
+    from training import real_examples
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 2).clone()
+    image_set = ImageSet(images, torch.tensor([0, 1, 0, 2, 1, 0]), list("abcd"))
+    values = ((real_examples(image_set, 2, 4)[:, 0, 0, 0] + 1) * 127.5).round().tolist()
+    assert values == [0, 1, 3, 0, 2, 4, 3, 0]  # class 2 repeats its one image, class 3 (none) is black
+
+
+def test_a_subset_of_an_image_folder_holds_every_class(image_folder):
+    from image_data import load_image_folder
+    first = load_image_folder(image_folder, 1, 28).first(20)
+    assert len(first.labels.unique()) >= 8    # folders are listed class by class; the loader shuffles them

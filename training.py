@@ -607,15 +607,18 @@ def save_run(run: Run, name: str) -> str:
 
 def save_interrupted(run: Run, epoch: int, steps_done: int, signal_name: str) -> None:
     run.state.epoch, run.state.step = epoch, steps_done
-    path = save_run(run, f"model_ep{epoch}_step{steps_done}.pth")
+    name = f"model_ep{epoch}_step{steps_done}.pth"
+    path = save_run(run, name)
     if run.ranks.is_main:
+        remove_interrupted_checkpoints(run.config.out, keep=name)     # older positions, once this one is safe
         tqdm.write(f"stopped by {signal_name} after {epoch} epochs and {steps_done} steps; saved {path}. "
                    f"Continue with the same command and --resume auto (or --resume {path}).")
 
 
-def remove_interrupted_checkpoints(folder: str) -> None:
+def remove_interrupted_checkpoints(folder: str, keep: str | None = None) -> None:
+    """Delete the mid-epoch checkpoints (model_ep{E}_step{S}.pth) in ``folder``, except ``keep``."""
     for name, (_, step) in checkpoint_progress(folder).items():
-        if step:
+        if step and name != keep:
             os.remove(os.path.join(folder, name))
 
 

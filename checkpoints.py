@@ -75,14 +75,3 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], keys=MODE
     """Human-readable 'name: saved X, now Y' for every model setting that differs."""
     return [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
             for key in keys if saved.get(key) != current.get(key)]
-
-
-def newest_checkpoint(folder: str) -> str | None:
-    """The checkpoint in ``folder`` with the most progress (epoch, then step), or None when there is none."""
-    if not os.path.isdir(folder):
-        return None
-    candidates = [os.path.join(folder, name) for name in os.listdir(folder)
-                  if name.endswith(".pth") and name.startswith(("model_ep", "interrupted"))]
-    if not candidates:
-        return None
-    return max(candidates, key=os.path.getmtime)

@@ -49,11 +49,6 @@ def write_loss_csv(records: Sequence[dict], path: str) -> None:
         writer.writerows(records)
 
 
-def read_loss_csv(path: str) -> list[dict]:
-    with open(path, newline="") as file:
-        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(file)]
-
-
 def plot_losses(records: Sequence[dict], path: str, title: str = "Training progress") -> None:
     """Mean training loss per epoch and, when measured, the test loss (not smoothed)."""
     figure, axis = plt.subplots(figsize=(6, 4))

@@ -66,8 +66,16 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     return checkpoint
 
 
-def network_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The U-Net weights to sample with: the EMA weights when the run kept them, else the trained ones."""
+WEIGHTS = ("ema", "raw")  # which U-Net weights of a checkpoint to use: the moving average or the trained ones
+
+
+def network_weights(checkpoint: dict[str, Any], weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The U-Net weights to sample with: for 'ema', the EMA weights when the run kept them, else the trained ones;
+    for 'raw', always the trained ones (the optimizer's weights, as if the run had no EMA)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights == "raw":
+        return checkpoint["model"]
     return checkpoint.get("ema") or checkpoint["model"]
 
 

@@ -362,15 +362,15 @@ class DDPM(nn.Module):
             raise ValueError(f"t must lie in 1..T = 1..{self.n_timesteps}, got values in {low}..{high}")
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: torch.device | str | None = None) -> "DDPM":
+    def from_checkpoint(cls, path: str, device: torch.device | str | None = None, weights: str = "ema") -> "DDPM":
         """Rebuild the U-Net and the DDPM from a training checkpoint's config and weights, ready to sample.
 
-        Uses the EMA weights when the run kept them. Raises ``checkpoints.CheckpointError`` with the reason
+        ``weights='ema'`` uses the EMA weights when the run kept them, ``'raw'`` the trained ones. Raises ``checkpoints.CheckpointError`` with the reason
         for a missing, corrupt or incomplete checkpoint.
         """
         checkpoint = load_checkpoint(path)
         try:
-            return cls.from_config(checkpoint["config"], network_weights(checkpoint), device)
+            return cls.from_config(checkpoint["config"], network_weights(checkpoint, weights), device)
         except RuntimeError as error:  # load_state_dict: missing, unexpected or mis-shaped weights
             raise CheckpointError(f"{path}: the weights do not fit the model its config describes "
                                   f"({str(error).splitlines()[0][:200]})") from None

@@ -5,6 +5,7 @@ Two modes:
     python evaluate.py --train-classifier mnist|cifar10 [--data-root DIR] [--image-folder DIR] [--epochs N]
         trains the judge, a small CNN, on the dataset's training split and saves it to classifiers/<dataset>.pt.
     python evaluate.py --checkpoint CKPT --guidance 0 1 3 --n-per-class 50 [--sampler ddpm|ddim --steps S]
+                       [--weights ema|raw]
         samples n-per-class images of every class per guidance weight and prints, and writes as CSV, one row per
         weight next to a first row for the real test images:
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import WEIGHTS, load_checkpoint, save_checkpoint
 from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
 from ddpm import DDPM, SAMPLERS
 from image_data import DataError, ImageSet
@@ -48,7 +49,7 @@ ARCHITECTURES = {"mnist": dict(widths=(16, 32, 64), convs_per_stage=1),       # 
 AUGMENTATION = {"mnist": dict(shift=2, flip=False), "cifar10": dict(shift=4, flip=True)}
 EPOCHS = {"mnist": 3, "cifar10": 4}                             # a few minutes each on 2 CPU cores
 ALL_TEST_IMAGES = sys.maxsize                                   # eval_images that keeps the whole test split
-CSV_FIELDS = ("images", "w", "sampler", "steps", "n", "accuracy", "frechet", "diversity", "real_diversity",
+CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "n", "accuracy", "frechet", "diversity", "real_diversity",
               "seconds")
 TABLE_FORMATS = {"w": "g", "accuracy": ".4f", "frechet": ".4f", "diversity": ".4f", "real_diversity": ".4f",
                  "seconds": ".1f"}
@@ -316,9 +317,10 @@ def noise_floor_split(n_real: int, n_generated: int, seed: int = 0) -> tuple[tor
 # Evaluating a checkpoint
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_model(path: str, device: torch.device) -> tuple[DDPM, dict]:
-    """The checkpoint's DDPM (EMA weights when kept) on the fast path of ``device``, and its training config."""
-    return load_fast_sampler(path, device), load_checkpoint(path)["config"]
+def load_model(path: str, device: torch.device, weights: str = "ema") -> tuple[DDPM, dict]:
+    """The checkpoint's DDPM (``weights``: 'ema' when kept, or 'raw') on the fast path of ``device``, and its
+    training config."""
+    return load_fast_sampler(path, device, weights=weights), load_checkpoint(path)["config"]
 
 
 def evaluation_data_config(saved: dict, flags: dict) -> TrainConfig:
@@ -357,16 +359,16 @@ def real_row(features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tens
     """The table's first row: the judge on the real test images, the noise floor of the Frechet distance."""
     part, rest = noise_floor_split(len(labels), n_generated)
     real_diversity = diversity(features, labels)
-    return {"images": "real", "w": "", "sampler": "", "steps": "", "n": len(labels),
+    return {"images": "real", "weights": "", "w": "", "sampler": "", "steps": "", "n": len(labels),
             "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features[part], features[rest]),
             "diversity": real_diversity, "real_diversity": real_diversity, "seconds": ""}
 
 
 def generated_row(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
-                  real_diversity: float, w: float, sampler: str, steps: int, seconds: float) -> dict:
+                  real_diversity: float, weights: str, w: float, sampler: str, steps: int, seconds: float) -> dict:
     """A row for generated images [N, C, H, W] conditioned on labels [N]."""
     features, predicted = classify(classifier, images)
-    return {"images": "generated", "w": w, "sampler": sampler, "steps": steps, "n": len(labels),
+    return {"images": "generated", "weights": weights, "w": w, "sampler": sampler, "steps": steps, "n": len(labels),
             "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features, real_features),
             "diversity": diversity(features, labels), "real_diversity": real_diversity, "seconds": round(seconds, 1)}
 
@@ -393,30 +395,42 @@ def default_csv_path(checkpoint: str) -> str:
     return f"{stem}_eval.csv"
 
 
-def run_evaluation(args: argparse.Namespace) -> list[dict]:
-    """--checkpoint: sample for every guidance weight, judge, print the table and write the CSV; returns the rows."""
-    device = resolve_device(args.device)
-    model, config = load_model(args.checkpoint, device)
-    timesteps, _ = model.sampling_plan(args.sampler, args.steps)  # refuses bad --sampler/--steps before any work
-    steps = len(timesteps) - 1
-    classifier, classifier_path = judge_for(config, args.classifier)
+def evaluate_checkpoint(path: str, guidance: list[float], n_per_class: int, sampler: str = "ddpm",
+                        steps: int | None = None, weights: str = "ema", seed: int = 0,
+                        device: torch.device = torch.device("cpu"), flags: dict | None = None,
+                        classifier_path: str | None = None, batch: int = 250) -> list[dict]:
+    """The metric table of a checkpoint: a row for the real test images, then one per guidance weight.
+
+    ``flags`` are data settings (TrainConfig fields) that replace the checkpoint's, e.g. another data root.
+    """
+    model, config = load_model(path, device, weights)
+    timesteps, _ = model.sampling_plan(sampler, steps)  # refuses a bad sampler or step count before any work
+    n_steps = len(timesteps) - 1
+    classifier, classifier_path = judge_for(config, classifier_path)
     classifier.to(device)
-    _, test_set = load_data(evaluation_data_config(config, data_flags(args)))
+    _, test_set = load_data(evaluation_data_config(config, flags or {}))
     if len(test_set) < 4:
         raise DataError(f"the test split has {len(test_set)} images; the metrics need at least 4")
     real_features, real_predicted = classify(classifier, to_model_scale(test_set.images))
-    n_generated = args.n_per_class * config["n_classes"]
+    n_generated = n_per_class * config["n_classes"]
     rows = [real_row(real_features, real_predicted, test_set.labels, n_generated)]
-    batch = args.batch or 250
-    print(f"judging {args.checkpoint} with {classifier_path}: {len(test_set)} real test images, "
-          f"{n_generated} generated per weight ({args.sampler}, {steps} steps, {device})")
-    for w in args.guidance:
+    print(f"judging {path} ({weights} weights) with {classifier_path}: {len(test_set)} real test images, "
+          f"{n_generated} generated per weight ({sampler}, {n_steps} steps, {device})")
+    for w in guidance:
         started = time.perf_counter()
-        images, labels = generate(model, config, args.n_per_class, w, args.sampler, args.steps, batch, args.seed)
+        images, labels = generate(model, config, n_per_class, w, sampler, steps, batch, seed)
         seconds = time.perf_counter() - started
-        rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], w,
-                                  args.sampler, steps, seconds))
+        rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], weights, w,
+                                  sampler, n_steps, seconds))
         tqdm.write(f"w={w:g}: {seconds:.1f} s")
+    return rows
+
+
+def run_evaluation(args: argparse.Namespace) -> list[dict]:
+    """--checkpoint: sample for every guidance weight, judge, print the table and write the CSV; returns the rows."""
+    rows = evaluate_checkpoint(args.checkpoint, args.guidance, args.n_per_class, args.sampler, args.steps,
+                               args.weights, args.seed, resolve_device(args.device), data_flags(args),
+                               args.classifier, args.batch or 250)
     csv_path = args.csv or default_csv_path(args.checkpoint)
     write_csv(rows, csv_path)
     print(format_table(rows))
@@ -446,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-per-class", type=int, default=50, help="generated images per class (default: 50)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="sampler (default: ddpm, all T steps)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: T)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema",
+                        help="the checkpoint's EMA weights (when kept) or its raw trained weights (default: ema)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
     parser.add_argument("--batch", type=int, help="images per sampling chunk (default 250) or training batch (128)")

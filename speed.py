@@ -119,8 +119,9 @@ def fast_sampler(model, path: FastPath, network: nn.Module | None = None):
                 device=model.device, drop_prob=model.drop_prob, schedule=model.schedule, loss_type=model.loss_type)
 
 
-def load_fast_sampler(path: str, device: torch.device, compile_sampler: bool = False):
-    """``DDPM.from_checkpoint`` (EMA weights when kept) on the default fast path of ``device``, ready to sample."""
+def load_fast_sampler(path: str, device: torch.device, compile_sampler: bool = False, weights: str = "ema"):
+    """``DDPM.from_checkpoint`` (``weights``: 'ema' when kept, or 'raw') on the default fast path of ``device``,
+    ready to sample."""
     from ddpm import DDPM
-    model = DDPM.from_checkpoint(path, device=device)
+    model = DDPM.from_checkpoint(path, device=device, weights=weights)
     return fast_sampler(model, FastPath.for_device(device, model.nn_model.in_channels, compile_sampler))

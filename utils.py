@@ -49,6 +49,35 @@ def write_loss_csv(records: Sequence[dict], path: str) -> None:
         writer.writerows(records)
 
 
+def read_loss_csv(path: str) -> list[dict]:
+    """The records of ``write_loss_csv``: 'epoch' as int, the other filled cells as float."""
+    with open(path, newline="") as file:
+        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items() if value != ""}
+                for row in csv.DictReader(file)]
+
+
+def plot_loss_comparison(curves: dict[str, Sequence[dict]], path: str, title: str, x: str = "images") -> None:
+    """Train (left) and test (right) loss of several runs, one line each: ``curves`` maps a run's label to its
+    loss records (with 'epoch', 'train_loss', optional 'test_loss', 'seconds' and 'images'); ``x`` is 'images'
+    (images seen) or 'seconds' (cumulative training time)."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label, records in curves.items():
+        positions = np.cumsum([record[x] for record in records])
+        for axis, key in zip(axes, ("train_loss", "test_loss")):
+            points = [(position, record[key]) for position, record in zip(positions, records) if key in record]
+            if points:
+                axis.plot(*zip(*points), marker="o", markersize=3, label=label)
+    for axis, name in zip(axes, ("train loss (mean over each epoch)", "test loss (fixed t and noise)")):
+        axis.set(title=name, xlabel="images seen" if x == "images" else "training seconds",
+                 ylabel="noise-prediction loss")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def plot_losses(records: Sequence[dict], path: str, title: str = "Training progress") -> None:
     """Mean training loss per epoch and, when measured, the test loss (not smoothed)."""
     figure, axis = plt.subplots(figsize=(6, 4))

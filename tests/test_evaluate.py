@@ -12,6 +12,8 @@ from PIL import Image
 from torch import nn
 
 import evaluate
+from checkpoints import network_weights
+from ddpm import DDPM
 from evaluate import (Classifier, augment, class_accuracy, classify, diversity, frechet_distance,
                       frechet_distance_from_statistics, load_classifier, save_classifier)
 from train_mnist import MNIST
@@ -214,6 +216,21 @@ def test_cli_ddim_with_a_chosen_csv_path(tiny_run, tmp_path):
                                 str(csv_path)))
     rows = read_rows(csv_path)
     assert len(rows) == 2 and (rows[1]["sampler"], rows[1]["steps"], rows[1]["w"]) == ("ddim", "3", "1.0")
+    assert rows[1]["weights"] == "ema"
+
+
+def test_raw_weights_are_the_trained_ones_and_differ_from_the_ema(tiny_run, tmp_path):
+    checkpoint = torch.load(tiny_run["checkpoint"], map_location="cpu", weights_only=True)
+    for weights in ("raw", "ema"):
+        state = DDPM.from_checkpoint(tiny_run["checkpoint"], "cpu", weights=weights).nn_model.state_dict()
+        saved = checkpoint["model" if weights == "raw" else "ema"]
+        assert all(torch.equal(state[key], saved[key]) for key in saved)
+    assert not all(torch.equal(checkpoint["model"][key], checkpoint["ema"][key]) for key in checkpoint["model"])
+    with pytest.raises(ValueError, match="weights must be one of"):
+        network_weights(checkpoint, "best")
+    csv_path = tmp_path / "raw.csv"
+    evaluate.main(evaluate_argv(tiny_run, "--guidance", "0", "--weights", "raw", "--csv", str(csv_path)))
+    assert read_rows(csv_path)[1]["weights"] == "raw"
 
 
 def test_cli_trains_and_saves_a_classifier(tiny_run, tmp_path):
@@ -265,6 +282,7 @@ def test_classifier_for_other_images_is_refused(tiny_run, tmp_path, capsys):
     (["--batch", "0"], "--batch"),
     (["--epochs", "0"], "--epochs"),
     (["--guidance", "inf"], "--guidance"),
+    (["--weights", "best"], "--weights"),
     (["--image-folder", "/nowhere/train"], "/nowhere/train"),
 ])
 def test_bad_settings_give_one_line(tiny_run, capsys, extra, fragment):

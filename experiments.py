@@ -1,0 +1,317 @@
+"""Short training runs that compare settings at an equal budget, judged by evaluate.py (sheet 2: "train with
+different settings" and 2.3, the beta schedules; sheet 1 Q4: capacity and hyper-parameters for CIFAR-10).
+
+    python experiments.py mnist --data-root ../shared/data
+    python experiments.py cifar10 --image-folder ../shared/data/cifar10-jpeg/train
+    python experiments.py mnist --runs baseline cosine      # some runs only; --list shows a study's runs
+
+Every run of a study trains with the study's shared settings plus its own changes, into --work/<study>/<run>/
+(scratch space: checkpoints, grids). Running the command again continues unfinished runs from their newest
+checkpoint and reuses finished runs and their metric tables, so an interrupted study loses at most an epoch.
+The study's results go to --out (small files only, meant to be committed):
+
+    <study>_runs.csv          per run: settings, parameters, images seen, training seconds, final losses
+    <study>_losses.csv        train and test loss per epoch of every run
+    <study>_<comparison>.png  one figure per comparison: train and test loss of the runs it compares
+    <study>_metrics.csv       the evaluate.py table of every run's final checkpoint (column 'run')
+    <study>_<run>_w<w>.png    the run's final sample grid
+
+Test losses are comparable between runs with the same T and loss type only: they are averaged over timesteps
+spread over 1..T, and an l1 run reports the l1 loss. The metric table compares every run.
+"""
+import argparse
+import csv
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+import utils
+from checkpoints import load_checkpoint
+from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
+from ddpm import DDPM
+from evaluate import CSV_FIELDS, default_csv_path, evaluate_checkpoint, write_csv
+from train_cifar10 import CIFAR10
+from train_mnist import MNIST
+from training import TrainConfig, count_parameters, load_data, resolve_config, test_loss, train
+
+RAW = ":raw"  # suffix of a run name in a comparison: the run's raw weights instead of its EMA
+
+
+@dataclass
+class Evaluation:
+    """How every run of a study is judged (evaluate.py's settings)."""
+    guidance: list[float]
+    n_per_class: int
+    sampler: str = "ddim"
+    steps: int | None = 50
+
+
+@dataclass
+class Study:
+    """Runs that share ``base`` and differ by their own settings, and the comparisons drawn between them.
+
+    ``runs`` maps a run name to its TrainConfig changes; ``comparisons`` maps a figure name to the runs it
+    shows (a name ending in ':raw' is that run's raw weights, as if it had trained without EMA); ``x`` is the
+    figures' horizontal axis, 'images' (images seen) or 'seconds' (training time, for equal-time budgets).
+    """
+    dataset: str
+    base: dict
+    runs: dict[str, dict]
+    comparisons: dict[str, list[str]]
+    evaluation: Evaluation
+    x: str = "images"
+    defaults: TrainConfig = field(init=False)
+
+    def __post_init__(self):
+        self.defaults = {"mnist": MNIST, "cifar10": CIFAR10}[self.dataset]
+
+    def raw_runs(self) -> list[str]:
+        """Runs whose raw weights some comparison needs."""
+        return sorted({name[:-len(RAW)] for names in self.comparisons.values() for name in names
+                       if name.endswith(RAW)})
+
+
+# Short runs for the scratch budget of a 2-core CPU (about 10 to 20 minutes each there); the sample grids use
+# 50 DDIM steps to keep them cheap.
+QUICK_GRIDS = dict(guidance=[3.0], sampler="ddim", sample_steps=50, save_every=1, sample_every=1000,
+                   gif_every=1000, eval_images=200)
+
+STUDIES = {
+    # sheet 2: schedules, loss type, learning rate, T and EMA, each against the sheet-1 baseline
+    "mnist": Study(
+        dataset="mnist",
+        base=dict(subset=6000, epochs=4, **QUICK_GRIDS),
+        runs={"baseline": {}, "cosine": dict(schedule="cosine"), "sigmoid": dict(schedule="sigmoid"),
+              "l1": dict(loss="l1"), "lr1e-4": dict(lr=1e-4), "T100": dict(timesteps=100)},
+        comparisons={"schedule": ["baseline", "cosine", "sigmoid"], "loss": ["baseline", "l1"],
+                     "lr": ["baseline", "lr1e-4"], "timesteps": ["baseline", "T100"],
+                     "ema": ["baseline", "baseline" + RAW]},
+        evaluation=Evaluation(guidance=[0.0, 1.0, 3.0], n_per_class=10)),
+    # sheet 1 Q4: capacity at an equal training time (F=64 trains about 4x slower, so it sees a quarter of the
+    # images), then the first hyper-parameters a practitioner tries on the F=32 model
+    "cifar10": Study(
+        dataset="cifar10",
+        base=dict(epochs=4, **QUICK_GRIDS),
+        runs={"F32": dict(subset=6000), "F64": dict(subset=1500, n_features=64),
+              "F32-lr3e-4": dict(subset=6000, lr=3e-4), "F32-cosine": dict(subset=6000, schedule="cosine")},
+        comparisons={"capacity": ["F32", "F64"], "lr": ["F32", "F32-lr3e-4"], "schedule": ["F32", "F32-cosine"],
+                     "ema": ["F32", "F32" + RAW]},
+        evaluation=Evaluation(guidance=[3.0], n_per_class=10),
+        x="seconds"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and judging one run
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_folder(work: str, study_name: str, run_name: str) -> str:
+    return os.path.join(work, study_name, run_name)
+
+
+def final_checkpoint(config: TrainConfig) -> str:
+    return os.path.join(config.out, f"model_ep{config.epochs}.pth")
+
+
+def run_config(study: Study, run_name: str, folder: str, flags: dict) -> TrainConfig:
+    """The run's TrainConfig: the dataset's defaults, the study's base, the run's changes and the data flags;
+    resumed from the newest checkpoint when the folder has one."""
+    given = {**study.base, **study.runs[run_name], **flags, "out": folder}
+    has_checkpoint = os.path.isdir(folder) and any(name.endswith(".pth") for name in os.listdir(folder))
+    return resolve_config(study.defaults, {**given, "resume": "auto"} if has_checkpoint else given)
+
+
+def train_run(config: TrainConfig) -> str:
+    """Train (or finish training) the run; returns its final checkpoint."""
+    path = final_checkpoint(config)
+    if not os.path.exists(path):
+        train(config)
+    return path
+
+
+def metric_rows(study: Study, checkpoint: str, weights: str, flags: dict, device: torch.device) -> list[dict]:
+    """evaluate.py's table of the checkpoint, read back from its CSV when an earlier call wrote it."""
+    stem, _ = os.path.splitext(checkpoint)
+    path = default_csv_path(checkpoint if weights == "ema" else f"{stem}_raw.pth")
+    if not os.path.exists(path):
+        judged = study.evaluation
+        rows = evaluate_checkpoint(checkpoint, judged.guidance, judged.n_per_class, judged.sampler, judged.steps,
+                                   weights, device=device, flags=flags)
+        write_csv(rows, path)
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def raw_test_losses(config: TrainConfig, device: torch.device) -> list[dict]:
+    """Test loss per epoch of the run's raw weights, from its per-epoch checkpoints (the EMA's is in loss.csv)."""
+    _, test_set = load_data(config)  # the test images of the run's own test loss
+    records = []
+    for epoch in range(1, config.epochs + 1):
+        path = os.path.join(config.out, f"model_ep{epoch}.pth")
+        if os.path.exists(path):
+            model = DDPM.from_checkpoint(path, device, weights="raw")
+            records.append({"epoch": epoch, **test_loss(model, test_set, config)})
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_study(name: str, study: Study, flags: dict, out: str, work: str, device: torch.device,
+              only: list[str] | None = None) -> None:
+    """Train and judge the study's runs (all, or ``only`` these), then write its tables and figures to ``out``.
+
+    ``flags`` are data settings (TrainConfig fields: data_root, image_folder, cache_dir) for every run.
+    """
+    chosen = only or list(study.runs)
+    for run_name in chosen:
+        config = run_config(study, run_name, run_folder(work, name, run_name), {**flags, "device": device.type})
+        print(f"== {name}/{run_name}: {describe_changes(study, run_name)}")
+        checkpoint = train_run(config)
+        metric_rows(study, checkpoint, "ema", flags, device)
+        if run_name in study.raw_runs():
+            metric_rows(study, checkpoint, "raw", flags, device)
+    write_results(name, study, flags, out, work, device)
+
+
+def describe_changes(study: Study, run_name: str) -> str:
+    changes = study.runs[run_name]
+    return ", ".join(f"{key}={value}" for key, value in changes.items()) or "the study's base settings"
+
+
+def finished_runs(name: str, study: Study, flags: dict, work: str) -> dict[str, TrainConfig]:
+    """Configs of the runs whose final checkpoint exists, in the study's order."""
+    configs = {}
+    for run_name in study.runs:
+        folder = run_folder(work, name, run_name)
+        if os.path.isdir(folder):
+            config = run_config(study, run_name, folder, {**flags, "device": "cpu"})
+            if os.path.exists(final_checkpoint(config)):
+                configs[run_name] = config
+    return configs
+
+
+def write_results(name: str, study: Study, flags: dict, out: str, work: str, device: torch.device) -> None:
+    """The study's summary, loss table, comparison figures, metric table and final grids, from finished runs."""
+    configs = finished_runs(name, study, flags, work)
+    if not configs:
+        return
+    os.makedirs(out, exist_ok=True)
+    curves = {run_name: [{**record, "images": len_subset(config)}
+                         for record in utils.read_loss_csv(os.path.join(config.out, "loss.csv"))]
+              for run_name, config in configs.items()}
+    for run_name in study.raw_runs():
+        if run_name in configs:
+            curves[run_name + RAW] = merge_raw_test_losses(curves[run_name], raw_test_losses(configs[run_name], device))
+    write_loss_table(curves, os.path.join(out, f"{name}_losses.csv"))
+    for comparison, runs in study.comparisons.items():
+        shown = {run: curves[run] for run in runs if run in curves}
+        if len(shown) > 1:
+            utils.plot_loss_comparison(shown, os.path.join(out, f"{name}_{comparison}.png"),
+                                       f"{name}: {comparison}", study.x)
+    metrics = []
+    for run_name, config in configs.items():
+        for weights in ["ema"] + (["raw"] if run_name in study.raw_runs() else []):
+            rows = metric_rows(study, final_checkpoint(config), weights, flags, device)
+            # the real test images' row once, first; then every generated row
+            metrics += [{"run": run_name, **row} for row in rows if row["images"] == "generated" or not metrics]
+        for w in config.guidance:
+            shutil.copyfile(os.path.join(config.out, f"image_ep{config.epochs}_w{w}.png"),
+                            os.path.join(out, f"{name}_{run_name}_w{w:g}.png"))
+    write_rows(metrics, ("run", *CSV_FIELDS), os.path.join(out, f"{name}_metrics.csv"))
+    write_rows([run_summary(study, run_name, config, curves[run_name]) for run_name, config in configs.items()],
+               None, os.path.join(out, f"{name}_runs.csv"))
+    print(f"wrote the {name} study's tables and figures to {out}")
+
+
+def merge_raw_test_losses(records: list[dict], raw: list[dict]) -> list[dict]:
+    """The run's records with the test losses replaced by those of its raw weights (the training is the same)."""
+    raw_by_epoch = {record["epoch"]: record for record in raw}
+    merged = []
+    for record in records:
+        kept = {key: value for key, value in record.items() if not key.startswith("test_loss")}
+        merged.append({**kept, **{key: value for key, value in raw_by_epoch.get(record["epoch"], {}).items()
+                                  if key.startswith("test_loss")}})
+    return merged
+
+
+def write_loss_table(curves: dict[str, list[dict]], path: str) -> None:
+    rows = [{"run": run_name, **record} for run_name, records in curves.items() for record in records]
+    write_rows(rows, None, path)
+
+
+def write_rows(rows: list[dict], columns, path: str) -> None:
+    """CSV of ``rows`` with ``columns`` (default: the union of their keys in first-seen order)."""
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_summary(study: Study, run_name: str, config: TrainConfig, records: list[dict]) -> dict:
+    seconds = sum(float(record["seconds"]) for record in records)
+    checkpoint = load_checkpoint(final_checkpoint(config))
+    model = DDPM.from_config(checkpoint["config"])
+    last = records[-1]
+    return {"run": run_name, "changes": describe_changes(study, run_name), "parameters": count_parameters(model),
+            "images_seen": len_subset(config) * config.epochs, "epochs": config.epochs,
+            "train_seconds": round(seconds, 1), "seconds_per_1000_images": round(1000 * seconds / (
+                len_subset(config) * config.epochs), 2),
+            "final_train_loss": last["train_loss"], "final_test_loss": last.get("test_loss", "")}
+
+
+def len_subset(config: TrainConfig) -> int:
+    """Training images per epoch (the subset the study sets)."""
+    if config.subset is None:
+        raise ValueError("a study's runs must set subset (the budget in images per epoch)")
+    return config.subset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", choices=sorted(STUDIES), help="which study to run")
+    parser.add_argument("--runs", nargs="+", metavar="RUN", help="train and judge only these runs (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the study's runs and comparisons, then stop")
+    parser.add_argument("--data-root", help="folder with the dataset in torchvision's layout")
+    parser.add_argument("--image-folder", help="class-per-subfolder training images; a 'test' sibling is the test "
+                                               "split")
+    parser.add_argument("--cache-dir", help="where decoded --image-folder tensors are cached")
+    parser.add_argument("--device", choices=DEVICES, help="default: auto")
+    parser.add_argument("--out", help="folder for the study's tables and figures (default: log_<study>/experiments)")
+    parser.add_argument("--work", default="scratch/experiments",
+                        help="folder for the runs' checkpoints and grids (default: scratch/experiments)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    exit_on_error(run, args)
+
+
+def run(args: argparse.Namespace) -> None:
+    study = STUDIES[args.study]
+    unknown = sorted(set(args.runs or []) - set(study.runs))
+    if unknown:
+        raise ValueError(f"unknown run(s) {', '.join(unknown)} of study {args.study}; valid: {', '.join(study.runs)}")
+    if args.list:
+        for run_name in study.runs:
+            print(f"{run_name}: {describe_changes(study, run_name)}")
+        for comparison, runs in study.comparisons.items():
+            print(f"figure {comparison}: {', '.join(runs)}")
+        return
+    flags = {key: value for key, value in (("data_root", args.data_root), ("image_folder", args.image_folder),
+                                           ("cache_dir", args.cache_dir)) if value is not None}
+    out = args.out or os.path.join(f"log_{args.study}", "experiments")
+    run_study(args.study, study, flags, out, args.work, resolve_device(args.device or "auto"), args.runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -79,3 +79,11 @@ def test_cli_lists_runs_and_refuses_unknown_ones(capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "nonsense" in error and "baseline" in error and len(error.strip().splitlines()) == 1
+
+
+def test_a_stopped_run_stops_the_study_with_a_message(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "train", lambda config: None)   # as if Ctrl-C came before the last epoch
+    with pytest.raises(experiments.StudyStopped, match="run the same command again"):
+        run_study("tiny", tiny_study(image_folder), {}, str(tmp_path / "out"), str(tmp_path / "work"),
+                  torch.device("cpu"))
+    assert not os.path.exists(tmp_path / "out")

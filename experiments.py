@@ -198,7 +198,7 @@ def finished_runs(name: str, study: Study, flags: dict, work: str) -> dict[str, 
     for run_name in study.runs:
         folder = run_folder(work, name, run_name)
         if os.path.isdir(folder):
-            config = run_config(study, run_name, folder, {**flags, "device": "cpu"})
+            config = run_config(study, run_name, folder, flags)
             if os.path.exists(final_checkpoint(config)):
                 configs[run_name] = config
     return configs

@@ -258,6 +258,23 @@ class DDPM(nn.Module):
         noise = self.guided_noise(y_t, t, c.unsqueeze(0), (1.0 + g_weight,))
         return self._ancestral_step(y_t, t, noise)
 
+    def predict_start_from_noise(self, y_t: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """y0^ = (y_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t): S1 eq. 3 solved for y_0. [N, C, H, W]."""
+        return (y_t - self.sqrt_one_minus_alpha_bar_t[t] * noise) / self.sqrt_alpha_bar_t[t]
+
+    def noise_for_clipped_start(self, y_t: torch.Tensor, t: int, predicted_noise: torch.Tensor) -> torch.Tensor:
+        """The noise that explains y_t by the predicted y_0 clipped to the data range [-1, 1].
+
+        eps' = (y_t - sqrt(alpha_bar_t) clip(y0^, -1, 1)) / sqrt(1 - alpha_bar_t), y0^ from
+        ``predict_start_from_noise``. Algorithm 2's step with eps' is the posterior mean of q(y_{t-1} | y_t, y_0)
+        at the clipped y_0 (the 'clip_denoised' of Ho et al.'s and Nichol & Dhariwal's code); DDIM uses both.
+        Without it, a schedule whose alpha_bar_T is nearly 0 (cosine: beta_T clipped at 0.999, 1/sqrt(alpha_T)
+        = 32) amplifies the network's error at the first steps until the samples leave the data range.
+        y_t and predicted_noise [N, C, H, W]; returns [N, C, H, W].
+        """
+        start = self.predict_start_from_noise(y_t, t, predicted_noise).clamp(-1, 1)
+        return (y_t - self.sqrt_alpha_bar_t[t] * start) / self.sqrt_one_minus_alpha_bar_t[t]
+
     def _ancestral_step(self, y_t: torch.Tensor, t: int, predicted_noise: torch.Tensor) -> torch.Tensor:
         mean = self.one_over_sqrt_alpha_t[t] * (
             y_t - self.one_minus_alpha_t_over_sqrt_1_minus_alpha_bar_t[t] * predicted_noise)
@@ -275,7 +292,7 @@ class DDPM(nn.Module):
         With t_prev = t - 1 and eta = 1, sigma^2 is the posterior variance beta~_t (Ho et al. eq. 7).
         """
         alpha_bar, alpha_bar_prev = self.alpha_bar_t[t], self.alpha_bar_t[t_prev]
-        predicted_y0 = (y_t - self.sqrt_one_minus_alpha_bar_t[t] * predicted_noise) / self.sqrt_alpha_bar_t[t]
+        predicted_y0 = self.predict_start_from_noise(y_t, t, predicted_noise)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
         direction = torch.sqrt((1 - alpha_bar_prev - sigma ** 2).clamp(min=0)) * predicted_noise
         y_prev = torch.sqrt(alpha_bar_prev) * predicted_y0 + direction
@@ -285,7 +302,7 @@ class DDPM(nn.Module):
 
     def sample(self, n_sample: int = 4, size: Sequence[int] = (1, 28, 28), n_classes: int = 10,
                g_weight: float = 0.0, sampler: str = "ddpm", steps: int | None = None,
-               eta: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
+               eta: float = 0.0, clip_denoised: bool = False) -> tuple[torch.Tensor, np.ndarray]:
         """Algorithm 2 for n_sample images of every class, ordered class-fastest ([0, 1, ..., 9, 0, 1, ...]).
 
         Args:
@@ -296,6 +313,8 @@ class DDPM(nn.Module):
             sampler: 'ddpm' (the sheet's ancestral sampler, all T steps) or 'ddim' (``steps`` strided steps).
             steps: number of DDIM steps (default T); the DDPM sampler always takes T.
             eta: DDIM stochasticity, 0 = deterministic, 1 = ancestral-like.
+            clip_denoised: clip the predicted y_0 to [-1, 1] at every step (``noise_for_clipped_start``); off,
+                the DDPM sampler is Algorithm 2 exactly. Needed by the cosine schedule.
         Returns:
             (y_0 [N, C, H, W] on the model's device, y_steps numpy [frames, N, C, H, W]); the DDPM sampler keeps
             y after the steps of ``frame_timesteps`` (27 frames for T = 400), DDIM after every step.
@@ -303,12 +322,13 @@ class DDPM(nn.Module):
         if n_classes != self.n_classes:
             raise ValueError(f"n_classes must match the network's {self.n_classes}, got {n_classes}")
         conditions = class_grid_conditions(n_sample, n_classes, self.device)
-        return self.sample_guided(conditions.unsqueeze(0), (1.0 + g_weight,), size, sampler, steps, eta)
+        return self.sample_guided(conditions.unsqueeze(0), (1.0 + g_weight,), size, sampler, steps, eta,
+                                  clip_denoised)
 
     @torch.inference_mode()
     def sample_guided(self, conditions: torch.Tensor, weights: Sequence[float], size: Sequence[int],
-                      sampler: str = "ddpm", steps: int | None = None,
-                      eta: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
+                      sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+                      clip_denoised: bool = False) -> tuple[torch.Tensor, np.ndarray]:
         """The sampling loop for any guidance (see ``guided_noise``): conditions [K, N, n_classes], K weights.
 
         Returns (y_0 [N, C, H, W], y_steps numpy [frames, N, C, H, W]) as ``sample`` does.
@@ -321,6 +341,8 @@ class DDPM(nn.Module):
             frames = []
             for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
                 noise = self.guided_noise(y, t, conditions, weights)
+                if clip_denoised:
+                    noise = self.noise_for_clipped_start(y, t, noise)
                 if sampler == "ddpm":
                     y = self._ancestral_step(y, t, noise)
                 else:

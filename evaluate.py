@@ -5,7 +5,7 @@ Two modes:
     python evaluate.py --train-classifier mnist|cifar10 [--data-root DIR] [--image-folder DIR] [--epochs N]
         trains the judge, a small CNN, on the dataset's training split and saves it to classifiers/<dataset>.pt.
     python evaluate.py --checkpoint CKPT --guidance 0 1 3 --n-per-class 50 [--sampler ddpm|ddim --steps S]
-                       [--weights ema|raw]
+                       [--weights ema|raw] [--clip-denoised]
         samples n-per-class images of every class per guidance weight and prints, and writes as CSV, one row per
         weight next to a first row for the real test images:
 
@@ -49,7 +49,7 @@ ARCHITECTURES = {"mnist": dict(widths=(16, 32, 64), convs_per_stage=1),       # 
 AUGMENTATION = {"mnist": dict(shift=2, flip=False), "cifar10": dict(shift=4, flip=True)}
 EPOCHS = {"mnist": 3, "cifar10": 4}                             # a few minutes each on 2 CPU cores
 ALL_TEST_IMAGES = sys.maxsize                                   # eval_images that keeps the whole test split
-CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "n", "accuracy", "frechet", "diversity", "real_diversity",
+CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "clip", "n", "accuracy", "frechet", "diversity", "real_diversity",
               "seconds")
 TABLE_FORMATS = {"w": "g", "accuracy": ".4f", "frechet": ".4f", "diversity": ".4f", "real_diversity": ".4f",
                  "seconds": ".1f"}
@@ -335,7 +335,7 @@ def evaluation_data_config(saved: dict, flags: dict) -> TrainConfig:
 
 
 def generate(model: DDPM, config: dict, n_per_class: int, w: float, sampler: str, steps: int | None,
-             batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+             batch: int, seed: int, clip_denoised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """n_per_class images of every class with guidance w, in chunks of about ``batch`` images.
 
     Returns (images [n_per_class * K, C, H, W] clamped to [-1, 1] on the CPU, conditioned classes long [same N]),
@@ -348,7 +348,8 @@ def generate(model: DDPM, config: dict, n_per_class: int, w: float, sampler: str
     images = []
     with tqdm(total=n_per_class * config["n_classes"], desc=f"w={w:g}", unit="image", leave=False) as bar:
         for n in chunks:
-            y0, _ = model.sample(n, size, config["n_classes"], w, sampler=sampler, steps=steps)
+            y0, _ = model.sample(n, size, config["n_classes"], w, sampler=sampler, steps=steps,
+                                 clip_denoised=clip_denoised)
             images.append(y0.clamp(-1, 1).float().cpu())
             bar.update(len(y0))
     labels = torch.cat([torch.arange(config["n_classes"]).repeat(n) for n in chunks])
@@ -359,16 +360,18 @@ def real_row(features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tens
     """The table's first row: the judge on the real test images, the noise floor of the Frechet distance."""
     part, rest = noise_floor_split(len(labels), n_generated)
     real_diversity = diversity(features, labels)
-    return {"images": "real", "weights": "", "w": "", "sampler": "", "steps": "", "n": len(labels),
+    return {"images": "real", "weights": "", "w": "", "sampler": "", "steps": "", "clip": "", "n": len(labels),
             "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features[part], features[rest]),
             "diversity": real_diversity, "real_diversity": real_diversity, "seconds": ""}
 
 
 def generated_row(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
-                  real_diversity: float, weights: str, w: float, sampler: str, steps: int, seconds: float) -> dict:
+                  real_diversity: float, weights: str, w: float, sampler: str, steps: int, clip_denoised: bool,
+                  seconds: float) -> dict:
     """A row for generated images [N, C, H, W] conditioned on labels [N]."""
     features, predicted = classify(classifier, images)
-    return {"images": "generated", "weights": weights, "w": w, "sampler": sampler, "steps": steps, "n": len(labels),
+    return {"images": "generated", "weights": weights, "w": w, "sampler": sampler, "steps": steps,
+            "clip": "yes" if clip_denoised else "no", "n": len(labels),
             "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features, real_features),
             "diversity": diversity(features, labels), "real_diversity": real_diversity, "seconds": round(seconds, 1)}
 
@@ -396,7 +399,7 @@ def default_csv_path(checkpoint: str) -> str:
 
 
 def evaluate_checkpoint(path: str, guidance: list[float], n_per_class: int, sampler: str = "ddpm",
-                        steps: int | None = None, weights: str = "ema", seed: int = 0,
+                        steps: int | None = None, weights: str = "ema", clip_denoised: bool = False, seed: int = 0,
                         device: torch.device = torch.device("cpu"), flags: dict | None = None,
                         classifier_path: str | None = None, batch: int = 250) -> list[dict]:
     """The metric table of a checkpoint: a row for the real test images, then one per guidance weight.
@@ -418,10 +421,10 @@ def evaluate_checkpoint(path: str, guidance: list[float], n_per_class: int, samp
           f"{n_generated} generated per weight ({sampler}, {n_steps} steps, {device})")
     for w in guidance:
         started = time.perf_counter()
-        images, labels = generate(model, config, n_per_class, w, sampler, steps, batch, seed)
+        images, labels = generate(model, config, n_per_class, w, sampler, steps, batch, seed, clip_denoised)
         seconds = time.perf_counter() - started
         rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], weights, w,
-                                  sampler, n_steps, seconds))
+                                  sampler, n_steps, clip_denoised, seconds))
         tqdm.write(f"w={w:g}: {seconds:.1f} s")
     return rows
 
@@ -429,7 +432,8 @@ def evaluate_checkpoint(path: str, guidance: list[float], n_per_class: int, samp
 def run_evaluation(args: argparse.Namespace) -> list[dict]:
     """--checkpoint: sample for every guidance weight, judge, print the table and write the CSV; returns the rows."""
     rows = evaluate_checkpoint(args.checkpoint, args.guidance, args.n_per_class, args.sampler, args.steps,
-                               args.weights, args.seed, resolve_device(args.device), data_flags(args),
+                               args.weights, args.clip_denoised, args.seed, resolve_device(args.device),
+                               data_flags(args),
                                args.classifier, args.batch or 250)
     csv_path = args.csv or default_csv_path(args.checkpoint)
     write_csv(rows, csv_path)
@@ -462,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="DDIM steps (default: T)")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema",
                         help="the checkpoint's EMA weights (when kept) or its raw trained weights (default: ema)")
+    parser.add_argument("--clip-denoised", action="store_true",
+                        help="clip the predicted y_0 to [-1, 1] at every sampling step (cosine-schedule models)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
     parser.add_argument("--batch", type=int, help="images per sampling chunk (default 250) or training batch (128)")

@@ -1,7 +1,7 @@
 """Sample a trained conditional DDPM: classes, or a mixture of classes (sheet 1: guiding towards a mixture).
 
     python sample.py --checkpoint CKPT [--classes 3 7 | --mix 3:0.5,8:0.5 [--compose]] [--n 8] [--guidance 2]
-                     [--sampler ddpm|ddim] [--steps 50] [--eta 0] [--seed 0] [--device auto|cpu|cuda|mps]
+                     [--sampler ddpm|ddim] [--steps 50] [--eta 0] [--clip-denoised] [--seed 0] [--device auto|cpu|cuda|mps]
                      --out out.png [--gif out.gif]
 
 Classes give a grid with one column per class and --n rows; a mixture gives --n images in a row-major grid.
@@ -129,7 +129,8 @@ def image_size(model: DDPM) -> tuple[int, int, int]:
 
 
 def generate(model: DDPM, conditions: torch.Tensor, weights: Sequence[float], sampler: str = "ddpm",
-             steps: int | None = None, eta: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+             steps: int | None = None, eta: float = 0.0, seed: int = 0,
+             clip_denoised: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """``DDPM.sample_guided`` from noise fixed by ``seed``: (y_0 [N, C, H, W] on the CPU, frames [F, N, C, H, W]).
 
     conditions [K, N, n_classes] (moved to the model's device); the same seed and N give the same noise, so rows
@@ -137,7 +138,7 @@ def generate(model: DDPM, conditions: torch.Tensor, weights: Sequence[float], sa
     """
     torch.manual_seed(seed)
     images, frames = model.sample_guided(conditions.to(model.device), tuple(weights), image_size(model),
-                                         sampler, ddim_steps(model, sampler, steps), eta)
+                                         sampler, ddim_steps(model, sampler, steps), eta, clip_denoised)
     return images.float().cpu(), frames
 
 
@@ -173,11 +174,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared with visualize.py: sampler, DDIM steps, eta."""
+    """Flags shared with visualize.py: sampler, DDIM steps, eta, clipping of the predicted y_0."""
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                         help="the sheet's ancestral sampler (all T steps) or DDIM (default: ddpm)")
     parser.add_argument("--steps", type=int, help=f"DDIM steps (default: min({DEFAULT_DDIM_STEPS}, T))")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
+    parser.add_argument("--clip-denoised", action="store_true",
+                        help="clip the predicted y_0 to [-1, 1] at every step (needed by cosine-schedule models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +233,8 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     model = load_fast_sampler(args.checkpoint, resolve_device(args.device))
     conditions, weights, columns, description = requested_conditions(args, model.n_classes)
-    images, frames = generate(model, conditions, weights, args.sampler, args.steps, args.eta, args.seed)
+    images, frames = generate(model, conditions, weights, args.sampler, args.steps, args.eta, args.seed,
+                              args.clip_denoised)
     save_grid(images, args.out, columns)
     written = [args.out]
     if args.gif:

@@ -57,6 +57,7 @@ class TrainConfig:
     n_sample: int = 4                      # generated images per class in each grid
     sampler: str = "ddpm"                  # sampler of the grids and GIFs
     sample_steps: int | None = None        # DDIM steps (default T)
+    clip_denoised: bool = False            # clip the predicted y_0 while sampling (off: Algorithm 2 exactly)
     sample_every: int = 5
     gif_every: int = 5
     save_every: int = 5
@@ -102,6 +103,7 @@ HELP = {
     "n_sample": "generated images per class in each grid",
     "sampler": "sampler for grids and GIFs: the sheet's ddpm (T steps) or ddim",
     "sample_steps": "number of DDIM steps (default T)",
+    "clip_denoised": "clip the predicted y_0 to [-1, 1] at every sampling step (needed by the cosine schedule)",
     "sample_every": "epochs between sample grids (the last epoch always gets one)",
     "gif_every": "epochs between GIFs of the reverse process (the last epoch always gets one)",
     "save_every": "epochs between checkpoints (the last epoch always gets one)",
@@ -569,7 +571,8 @@ def sample_grid(model: DDPM, config: TrainConfig, w: float):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         return model.sample(config.n_sample, (config.in_channels, config.image_size, config.image_size),
-                            config.n_classes, w, sampler=config.sampler, steps=config.sample_steps)
+                            config.n_classes, w, sampler=config.sampler, steps=config.sample_steps,
+                            clip_denoised=config.clip_denoised)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -287,6 +287,47 @@ def test_ddim_with_eta_zero_is_deterministic_and_visits_strided_steps():
 
 # ---- loading ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_clipping_keeps_the_noise_of_an_in_range_start(schedule):
+    model = make(schedule=schedule)
+    torch.manual_seed(0)
+    y0, eps = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
+    for t in (1, 25, 50):
+        y_t = model.q_sample(y0, torch.full((4,), t), eps)
+        assert torch.allclose(model.predict_start_from_noise(y_t, t, eps), y0, atol=1e-3 if t < 50 else 1.0)
+        if t < 50:   # at t = T the cosine alpha_bar is ~0 and y_0 is not recoverable in float32
+            assert torch.allclose(model.noise_for_clipped_start(y_t, t, eps), eps, atol=1e-4)
+
+
+def test_clipped_step_is_the_posterior_mean_at_the_clipped_start():
+    """Algorithm 2 with eps' = posterior mean of q(y_{t-1} | y_t, y_0) (Ho et al. eq. 7) at clip(y0^)."""
+    model = make(schedule="cosine")
+    torch.manual_seed(1)
+    y_t, eps = torch.randn(3, 1, 4, 4) * 3, torch.randn(3, 1, 4, 4)
+    for t in (2, 30, 50):
+        clipped_noise = model.noise_for_clipped_start(y_t, t, eps)
+        start = model.predict_start_from_noise(y_t, t, eps).clamp(-1, 1)
+        alpha_bar, alpha_bar_prev = model.alpha_bar_t[t].double(), model.alpha_bar_t[t - 1].double()
+        beta = 1 - alpha_bar / alpha_bar_prev
+        posterior_mean = (alpha_bar_prev.sqrt() * beta / (1 - alpha_bar) * start.double()
+                          + (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * y_t.double())
+        algorithm_2_mean = model.one_over_sqrt_alpha_t[t] * (
+            y_t - model.one_minus_alpha_t_over_sqrt_1_minus_alpha_bar_t[t] * clipped_noise)
+        assert torch.allclose(algorithm_2_mean.double(), posterior_mean, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clipped_sampling_stays_in_the_data_range_where_plain_sampling_diverges(sampler):
+    model = make(StubNetwork(), schedule="cosine")   # the stub's noise is far from any data's
+    torch.manual_seed(0)
+    plain, _ = model.sample(1, (1, 4, 4), 10, 1.0, sampler=sampler, steps=10 if sampler == "ddim" else None)
+    torch.manual_seed(0)
+    clipped, _ = model.sample(1, (1, 4, 4), 10, 1.0, sampler=sampler, steps=10 if sampler == "ddim" else None,
+                              clip_denoised=True)
+    assert plain.abs().max() > 10
+    assert clipped.abs().max() <= 1 + 1e-4
+
+
 def test_from_checkpoint_rebuilds_the_model(tmp_path):
     torch.manual_seed(0)
     config = dict(in_channels=1, image_size=8, n_features=8, n_classes=10, timesteps=30, beta1=1e-4, beta2=0.02,

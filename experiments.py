@@ -88,9 +88,11 @@ STUDIES = {
         dataset="mnist",
         base=dict(subset=8000, epochs=4, **QUICK_GRIDS),
         runs={"baseline": {}, "cosine": dict(schedule="cosine"), "sigmoid": dict(schedule="sigmoid"),
-              "l1": dict(loss="l1"), "lr1e-4": dict(lr=1e-4), "T100": dict(timesteps=100)},
+              "l1": dict(loss="l1"), "lr1e-4": dict(lr=1e-4), "T100": dict(timesteps=100),
+              # the same beta range over 100 steps leaves alpha_bar_T = 0.37; 4x the betas restore 0.018
+              "T100-scaled": dict(timesteps=100, beta1=4e-4, beta2=0.08)},
         comparisons={"schedule": ["baseline", "cosine", "sigmoid"], "loss": ["baseline", "l1"],
-                     "lr": ["baseline", "lr1e-4"], "timesteps": ["baseline", "T100"],
+                     "lr": ["baseline", "lr1e-4"], "timesteps": ["baseline", "T100", "T100-scaled"],
                      "ema": ["baseline", "baseline" + RAW]},
         evaluation=Evaluation(guidance=[0.0, 1.0, 3.0], n_per_class=10)),
     # sheet 1 Q4: capacity at an equal training time (F=64 trains about 4x slower, so it sees a quarter of the

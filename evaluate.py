@@ -19,7 +19,6 @@ Two modes:
 Images enter the judge in the diffusion model's scale, [-1, 1] (``training.to_model_scale``).
 """
 import argparse
-import csv
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import utils
 from checkpoints import WEIGHTS, load_checkpoint, save_checkpoint
 from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
 from ddpm import DDPM, SAMPLERS
@@ -49,8 +49,8 @@ ARCHITECTURES = {"mnist": dict(widths=(16, 32, 64), convs_per_stage=1),       # 
 AUGMENTATION = {"mnist": dict(shift=2, flip=False), "cifar10": dict(shift=4, flip=True)}
 EPOCHS = {"mnist": 3, "cifar10": 4}                             # a few minutes each on 2 CPU cores
 ALL_TEST_IMAGES = sys.maxsize                                   # eval_images that keeps the whole test split
-CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "clip", "n", "accuracy", "frechet", "diversity", "real_diversity",
-              "seconds")
+CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "clip", "n", "accuracy", "frechet", "diversity",
+              "real_diversity", "seconds")
 TABLE_FORMATS = {"w": "g", "accuracy": ".4f", "frechet": ".4f", "diversity": ".4f", "real_diversity": ".4f",
                  "seconds": ".1f"}
 
@@ -387,10 +387,7 @@ def format_table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    utils.write_rows_csv(rows, path, CSV_FIELDS)
 
 
 def default_csv_path(checkpoint: str) -> str:
@@ -433,8 +430,7 @@ def run_evaluation(args: argparse.Namespace) -> list[dict]:
     """--checkpoint: sample for every guidance weight, judge, print the table and write the CSV; returns the rows."""
     rows = evaluate_checkpoint(args.checkpoint, args.guidance, args.n_per_class, args.sampler, args.steps,
                                args.weights, args.clip_denoised, args.seed, resolve_device(args.device),
-                               data_flags(args),
-                               args.classifier, args.batch or 250)
+                               data_flags(args), args.classifier, args.batch or 250)
     csv_path = args.csv or default_csv_path(args.checkpoint)
     write_csv(rows, csv_path)
     print(format_table(rows))

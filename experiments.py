@@ -21,6 +21,7 @@ spread over 1..T, and an l1 run reports the l1 loss. The metric table compares e
 """
 import argparse
 import csv
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -28,12 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 import utils
-from checkpoints import load_checkpoint
 from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
 from ddpm import DDPM
-from evaluate import CSV_FIELDS, default_csv_path, evaluate_checkpoint, write_csv
-from train_cifar10 import CIFAR10
-from train_mnist import MNIST
+from evaluate import CSV_FIELDS, DATASET_DEFAULTS, default_csv_path, evaluate_checkpoint, write_csv
 from training import TrainConfig, count_parameters, load_data, resolve_config, test_loss, train
 
 RAW = ":raw"  # suffix of a run name in a comparison: the run's raw weights instead of its EMA
@@ -66,7 +64,7 @@ class Study:
     defaults: TrainConfig = field(init=False)
 
     def __post_init__(self):
-        self.defaults = {"mnist": MNIST, "cifar10": CIFAR10}[self.dataset]
+        self.defaults = DATASET_DEFAULTS[self.dataset]
 
     def raw_runs(self) -> list[str]:
         """Runs whose raw weights some comparison needs."""
@@ -117,8 +115,13 @@ def run_folder(work: str, study_name: str, run_name: str) -> str:
     return os.path.join(work, study_name, run_name)
 
 
+def epoch_checkpoint(config: TrainConfig, epoch: int) -> str:
+    """The checkpoint the training loop writes after ``epoch`` (every epoch in a study: save_every = 1)."""
+    return os.path.join(config.out, f"model_ep{epoch}.pth")
+
+
 def final_checkpoint(config: TrainConfig) -> str:
-    return os.path.join(config.out, f"model_ep{config.epochs}.pth")
+    return epoch_checkpoint(config, config.epochs)
 
 
 def run_config(study: Study, run_name: str, folder: str, flags: dict) -> TrainConfig:
@@ -163,7 +166,7 @@ def raw_test_losses(config: TrainConfig, device: torch.device) -> list[dict]:
     _, test_set = load_data(config)  # the test images of the run's own test loss
     records = []
     for epoch in range(1, config.epochs + 1):
-        path = os.path.join(config.out, f"model_ep{epoch}.pth")
+        path = epoch_checkpoint(config, epoch)
         if os.path.exists(path):
             model = DDPM.from_checkpoint(path, device, weights="raw")
             records.append({"epoch": epoch, **test_loss(model, test_set, config)})
@@ -235,9 +238,9 @@ def write_results(name: str, study: Study, flags: dict, out: str, work: str, dev
         for w in config.guidance:
             shutil.copyfile(os.path.join(config.out, f"image_ep{config.epochs}_w{w}.png"),
                             os.path.join(out, f"{name}_{run_name}_w{w:g}.png"))
-    write_rows(metrics, ("run", *CSV_FIELDS), os.path.join(out, f"{name}_metrics.csv"))
-    write_rows([run_summary(study, run_name, config, curves[run_name]) for run_name, config in configs.items()],
-               None, os.path.join(out, f"{name}_runs.csv"))
+    utils.write_rows_csv(metrics, os.path.join(out, f"{name}_metrics.csv"), ("run", *CSV_FIELDS))
+    summaries = [run_summary(study, run_name, config, curves[run_name]) for run_name, config in configs.items()]
+    utils.write_rows_csv(summaries, os.path.join(out, f"{name}_runs.csv"))
     print(f"wrote the {name} study's tables and figures to {out}")
 
 
@@ -254,27 +257,17 @@ def merge_raw_test_losses(records: list[dict], raw: list[dict]) -> list[dict]:
 
 def write_loss_table(curves: dict[str, list[dict]], path: str) -> None:
     rows = [{"run": run_name, **record} for run_name, records in curves.items() for record in records]
-    write_rows(rows, None, path)
-
-
-def write_rows(rows: list[dict], columns, path: str) -> None:
-    """CSV of ``rows`` with ``columns`` (default: the union of their keys in first-seen order)."""
-    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    utils.write_rows_csv(rows, path)
 
 
 def run_summary(study: Study, run_name: str, config: TrainConfig, records: list[dict]) -> dict:
     seconds = sum(float(record["seconds"]) for record in records)
-    checkpoint = load_checkpoint(final_checkpoint(config))
-    model = DDPM.from_config(checkpoint["config"])
+    images = len_subset(config) * config.epochs
+    model = DDPM.from_config(dataclasses.asdict(config))
     last = records[-1]
     return {"run": run_name, "changes": describe_changes(study, run_name), "parameters": count_parameters(model),
-            "images_seen": len_subset(config) * config.epochs, "epochs": config.epochs,
-            "train_seconds": round(seconds, 1), "seconds_per_1000_images": round(1000 * seconds / (
-                len_subset(config) * config.epochs), 2),
+            "images_seen": images, "epochs": config.epochs, "train_seconds": round(seconds, 1),
+            "seconds_per_1000_images": round(1000 * seconds / images, 2),
             "final_train_loss": last["train_loss"], "final_test_loss": last.get("test_loss", "")}
 
 

@@ -1,8 +1,8 @@
 """Sample a trained conditional DDPM: classes, or a mixture of classes (sheet 1: guiding towards a mixture).
 
     python sample.py --checkpoint CKPT [--classes 3 7 | --mix 3:0.5,8:0.5 [--compose]] [--n 8] [--guidance 2]
-                     [--sampler ddpm|ddim] [--steps 50] [--eta 0] [--clip-denoised] [--seed 0] [--device auto|cpu|cuda|mps]
-                     --out out.png [--gif out.gif]
+                     [--sampler ddpm|ddim] [--steps 50] [--eta 0] [--clip-denoised] [--seed 0]
+                     [--device auto|cpu|cuda|mps] --out out.png [--gif out.gif]
 
 Classes give a grid with one column per class and --n rows; a mixture gives --n images in a row-major grid.
 Two ways to guide towards a mixture sum_i p_i c_i of one-hot classes c_i (weights normalised to sum to 1):

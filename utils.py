@@ -40,13 +40,18 @@ def save_gif(frames: np.ndarray, path: str, nrow: int = 10, scale: int = 2, fram
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
 
-def write_loss_csv(records: Sequence[dict], path: str) -> None:
-    """One row per epoch; the columns are the union of the records' keys in first-seen order."""
-    columns = list(dict.fromkeys(key for record in records for key in record))
+def write_rows_csv(rows: Sequence[dict], path: str, columns: Sequence[str] | None = None) -> None:
+    """A CSV with a header: ``columns``, by default the union of the rows' keys in first-seen order."""
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(rows)
+
+
+def write_loss_csv(records: Sequence[dict], path: str) -> None:
+    """One row per epoch; the columns are the union of the records' keys in first-seen order."""
+    write_rows_csv(records, path)
 
 
 def read_loss_csv(path: str) -> list[dict]:

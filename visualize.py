@@ -175,8 +175,8 @@ def mixture_rows(model: DDPM, a: int, b: int, args: argparse.Namespace) -> tuple
              (class_conditions([b], n, k, w), f"class {b}"),
              (convex_mixture_conditions(mixture, n, k, w), f"convex\nc = 0.5 e{a} + 0.5 e{b}"),
              (composed_mixture_conditions(mixture, n, k, w), "composed\nw_i = (1 + w) / 2")]
-    rows = [generate(model, conditions, weights, args.sampler, args.steps, args.eta, args.seed, args.clip_denoised)[0]
-            for (conditions, weights), _ in built]
+    rows = [generate(model, conditions, weights, args.sampler, args.steps, args.eta, args.seed,
+                     args.clip_denoised)[0] for (conditions, weights), _ in built]
     return rows, [label for _, label in built]
 
 

@@ -4,12 +4,16 @@
 ``FastPath.for_device(device)`` is the default fast path. Measured on the 2-core CPU (README.txt, "Measured
 speed", python bench.py): for sampling, BatchNorm folded into the convolutions plus channels_last gave 1.2x
 (MNIST) and 1.2x-1.5x (CIFAR-10); for training, foreach Adam and torch.compile changed nothing beyond the noise
-(0.92x-1.03x), and channels_last gave the 3-channel CIFAR-10 shape 1.05x-1.16x, so it alone is kept there. On CUDA the choices are the standard
-ones for convolutional networks (channels_last for the tensor cores, bf16 autocast, fused Adam); they have not
-been measured by this project yet (no GPU was available), and --no-fast turns them off.
+(0.92x-1.03x), and channels_last gave the 3-channel CIFAR-10 shape 1.05x-1.16x, so it alone is kept there.
+Measured on an H200 (torch 2.11, bench.py, CIFAR-10 shape, batch 128): these small networks are bound by kernel
+launches, not arithmetic; fused Adam gave training 1.46x (F=32) and 1.36x (F=64), channels_last 1.12x and
+1.07x, while bf16 autocast alone slowed training to 0.75x and 0.85x and the 400-step sampler to 0.67x and 0.81x
+(its casts are extra kernels), so the CUDA default is channels_last + fused Adam + BatchNorm folding, without
+autocast. --no-fast turns every choice off.
 
 - channels_last: NHWC convolutions (oneDNN on the CPU, tensor cores on CUDA).
-- bf16 autocast: CUDA only; this AVX2 CPU has no bf16 units and runs it far slower.
+- bf16 autocast: CUDA only and off by default (slower on the H200 for these sizes, see above); this AVX2
+  CPU has no bf16 units and runs it far slower.
 - fused Adam: one kernel over all parameters instead of several per tensor (CUDA).
 - BatchNorm folding: in eval mode BatchNorm is a fixed affine map, which
   ``torch.nn.utils.fusion.fuse_conv_bn_eval`` merges into the preceding convolution (sampling only).
@@ -42,8 +46,8 @@ class FastPath:
         """The default fast path of a device for images of ``in_channels`` channels (see the module docstring
         for the measurements behind it)."""
         if device.type == "cuda":
-            return cls(train_channels_last=True, sample_channels_last=True, bf16_autocast=True, fused_adam=True,
-                       fold_batchnorm=True, compile_sampler=compile_sampler)
+            return cls(train_channels_last=True, sample_channels_last=True, fused_adam=True, fold_batchnorm=True,
+                       compile_sampler=compile_sampler)
         return cls(train_channels_last=in_channels == 3, sample_channels_last=True, fold_batchnorm=True,
                    compile_sampler=compile_sampler)
 

@@ -113,7 +113,7 @@ HELP = {
     "subset": "train on the first N training images only",
     "device": "auto picks cuda, then mps, then cpu",
     "seed": "random seed of the run",
-    "fast": "the measured fast path of speed.py (memory format, autocast, Adam kernel, BatchNorm folding)",
+    "fast": "the measured fast path of speed.py (memory format, Adam kernel, BatchNorm folding)",
     "compile": "torch.compile the U-Net for training and sampling",
     "resume": "checkpoint to continue from, or 'auto' for the newest in --out",
     "overwrite": "allow a new run to write into an --out that holds another run's checkpoints",

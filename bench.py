@@ -13,7 +13,8 @@ the same batch, so by default a run of a few steps is timed and scaled to the wh
 every complete run. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the median
 round is reported, so that a load change on the machine hits both alike. The last line is JSON.
 """
-import argparse
+from __future__ import annotations
+
 import json
 import platform
 import statistics
@@ -22,19 +23,22 @@ from dataclasses import replace
 
 import torch
 
-from ddpm import DDPM
-from speed import FastPath, fast_sampler
-from train_mnist import MNIST
-from training import GEOMETRY, Ranks, build_run, training_step
+import torch.nn.functional as F
+
+from cli import OneLineParser, add_guidance_flag, tool_flags
+from ddpm import GaussianDiffusion, class_grid_labels, network_from_config
+from speed import FastInference, FastPath
+from train_config import GEOMETRY, MNIST
+from training import Ranks, build_run, training_step
 
 CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("cifar10", 64)}
-SAMPLERS = (("ddpm", 400), ("ddim", 50), ("ddim", 20))
+SAMPLERS = (("ddpm", 400), ("ddim", 50), ("dpm++2m", 20), ("ddim", 20))
 
 
 def variants(device: torch.device, in_channels: int, full: bool,
              compile_too: bool) -> dict[str, tuple[FastPath, bool]]:
     """name -> (fast-path choices, compile the training network); plain first, the default fast path second."""
-    chosen = {"plain": (FastPath.plain(), False), "fast": (FastPath.for_device(device, in_channels), False)}
+    chosen = {"plain": (FastPath(), False), "fast": (FastPath.for_device(device, in_channels), False)}
     if full:
         chosen["channels_last only"] = (FastPath(train_channels_last=True, sample_channels_last=True), False)
         chosen["fold batchnorm only"] = (FastPath(fold_batchnorm=True), False)
@@ -81,21 +85,27 @@ def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: F
     of ``sampler`` and guidance weight ``guidance`` (w = 0 needs no unconditional half); each round yields
     images/s."""
     geometry = GEOMETRY[dataset]
-    config = dict(geometry, n_features=n_features, timesteps=400, beta1=1e-4, beta2=0.02, schedule="linear",
-                  drop_prob=0.1, loss="l2")
     torch.manual_seed(0)
-    model = DDPM.from_config(config, device=device)
-    if path != FastPath.plain():
-        model = fast_sampler(model, path)
+    network = network_from_config(dict(geometry, n_features=n_features)).to(device).eval()
+    if path != FastPath():
+        network = FastInference(network, path)
+    diffusion = GaussianDiffusion().to(device)
+    labels = class_grid_labels(range(10), per_class).to(device)
+    conditions = F.one_hot(labels, 10).float()
     size = (geometry["in_channels"], geometry["image_size"], geometry["image_size"])
-    model.sample(per_class, size, 10, guidance, sampler="ddim", steps=2)   # warm-up
+
+    def run(name: str, n_steps: int) -> None:
+        diffusion.sample(network, conditions, guidance, size, sampler=name,
+                         steps=None if name == "ddpm" else n_steps, progress=False)
+
+    run("ddim", 2)                                            # warm-up
     synchronize(device)
     yield None
     while True:
         started = time.perf_counter()
-        model.sample(per_class, size, 10, guidance, sampler=sampler, steps=steps if sampler == "ddim" else None)
+        run(sampler, steps)
         synchronize(device)
-        yield 10 * per_class / (time.perf_counter() - started)
+        yield len(labels) / (time.perf_counter() - started)
 
 
 def alternate(round_makers: dict, rounds: int) -> dict[str, float]:
@@ -158,21 +168,21 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    flags = tool_flags(parser)
     parser.add_argument("--quick", action="store_true", help="plain vs fast only, MNIST and CIFAR-10 F=32, "
                         "one round, 2 training steps and 8 sampling steps timed")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
-    parser.add_argument("--batch-size", type=int, default=128, help="training batch (the scripts' default)")
+    flags.add("batch_size", type=int, default=128, help="training batch (default: 128, the scripts')")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant")
     parser.add_argument("--timed-steps", type=int, default=None, help="sampling steps timed per round and scaled "
                         "to the whole run (default: 8 with --quick, else 40)")
     parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
     parser.add_argument("--per-class", type=int, default=4, help="images per class in a sampling run (default 4)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="guidance weight w of the sampling runs "
-                        "(default 1; 0 drops the unconditional half of the batch)")
+    add_guidance_flag(flags, many=False, default=1.0)
     args = parser.parse_args()
     args.train_steps = args.train_steps or (2 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 3)

@@ -11,6 +11,8 @@ A checkpoint is a dict saved by ``torch.save`` with these keys:
     losses      list of per-epoch records (dicts: epoch, train_loss, ...) so far
     rng         random generator states, so that a resumed run continues the same random stream
 """
+from __future__ import annotations
+
 import os
 import tempfile
 from typing import Any

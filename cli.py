@@ -1,13 +1,23 @@
-"""What every command-line tool here shares: one-line errors, and the choice of device."""
+"""What every command-line tool here shares: one-line errors, the choice of device, and the flag groups.
+
+Each flag is defined once, here. Its help text and default come from the TrainConfig field of the same name
+(train_config.py), so a tool and the training scripts always agree. Two kinds of parser use the groups:
+
+- the training parser (``training_parser``): only the flags given land in the namespace (argparse.SUPPRESS),
+  because they override the script's defaults or a resumed run's config;
+- a tool's parser: every flag has its default (``tool_defaults``); the data flags default to None, which means
+  "the checkpoint's own".
+"""
+from __future__ import annotations
+
 import argparse
+import os
 import sys
 
 import torch
 
 from ddpm import default_device
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
+from train_config import DEVICES, TrainConfig, field_choices, field_help, flag_fields
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr (exit code 2), like every other error here."""
@@ -16,8 +26,133 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class Flags:
+    """Adds flags to one parser: with real defaults (a tool) or suppressed ones (the training parser)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, defaults: TrainConfig | None):
+        self.parser, self.defaults = parser, defaults
+
+    def add(self, name: str, *flags: str, default=None, help: str | None = None, **options) -> None:
+        """``--name`` (and other spellings ``flags``) for the TrainConfig field ``name`` or a tool's own setting."""
+        known = name in TrainConfig.__dataclass_fields__
+        text = help or field_help(name)
+        if known and "choices" not in options and field_choices(name):
+            options["choices"] = field_choices(name)
+        if self.defaults is not None and known:
+            text += f" (default: {getattr(self.defaults, name)})"
+            default = argparse.SUPPRESS
+        self.parser.add_argument("--" + name.replace("_", "-"), *flags, dest=name, default=default, help=text,
+                                 **options)
+
+    def switch(self, name: str, help: str | None = None) -> None:
+        """A boolean flag: --name and --no-name (Python 3.8 has no argparse.BooleanOptionalAction)."""
+        flag = "--" + name.replace("_", "-")
+        if self.defaults is None:
+            self.parser.add_argument(flag, dest=name, action="store_true", help=help or field_help(name))
+            return
+        text = f"{help or field_help(name)} (default: {getattr(self.defaults, name)}; --no-{flag[2:]} turns it off)"
+        group = self.parser.add_mutually_exclusive_group()
+        group.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
+        group.add_argument("--no-" + flag[2:], dest=name, action="store_false", default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flag groups
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_device_flag(flags: Flags) -> None:
+    flags.add("device", default="auto")
+
+
+def add_seed_flag(flags: Flags) -> None:
+    flags.add("seed", type=int, default=0)
+
+
+def add_data_flags(flags: Flags) -> None:
+    """--data-root, --image-folder, --cache-dir; a tool's default None means the checkpoint's own data."""
+    flags.add("data_root")
+    flags.add("image_folder")
+    flags.add("cache_dir")
+
+
+def add_sampler_flags(flags: Flags) -> None:
+    """--sampler, --steps (also --sample-steps), --eta, --spacing, --clip-denoised."""
+    flags.add("sampler", default="ddpm")
+    flags.add("sample_steps", "--steps", type=int, metavar="STEPS")
+    flags.add("eta", type=float, default=0.0)
+    flags.add("spacing", default="logsnr")
+    flags.switch("clip_denoised")
+
+
+def add_guidance_flag(flags: Flags, many: bool, default) -> None:
+    """--guidance: several weights (a list, e.g. 0 1 3) or one."""
+    if many:
+        flags.add("guidance", type=float, nargs="+", metavar="W", default=default)
+    else:
+        flags.add("guidance", type=float, default=default, help=f"guidance weight w of S1 eq. 5 (default: {default})")
+
+
+def add_checkpoint_flags(flags: Flags, required: bool = True, weights: bool = True,
+                         help: str = "training checkpoint (model_ep*.pth)") -> None:
+    """--checkpoint and, for a tool that uses the network, --weights (the EMA weights when the run kept them, or
+    the raw trained ones)."""
+    flags.parser.add_argument("--checkpoint", required=required, help=help)
+    if weights:
+        flags.parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                                  help="the checkpoint's EMA weights (when kept) or its raw trained ones "
+                                       "(default: ema)")
+
+
+def add_out_flag(flags: Flags, help: str, required: bool = True, default=None) -> None:
+    flags.parser.add_argument("--out", required=required, default=default, help=help)
+
+
+def add_count_flag(flags: Flags, help: str, default: int = 8) -> None:
+    """--n: how many images (per class, or in a row)."""
+    flags.parser.add_argument("--n", type=int, default=default, help=f"{help} (default: {default})")
+
+
+def add_overwrite_flag(flags: Flags, help: str = "replace output files that exist (default: refuse)") -> None:
+    flags.parser.add_argument("--overwrite", action="store_true", help=help)
+
+
+def tool_flags(parser: argparse.ArgumentParser) -> Flags:
+    """The flag groups of a tool's parser, with real defaults."""
+    return Flags(parser, None)
+
+
+def training_parser(defaults: TrainConfig, description: str) -> argparse.ArgumentParser:
+    """A flag for every TrainConfig field marked as one; only the flags given land in the namespace."""
+    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
+    flags = Flags(parser, defaults)
+    groups = {"data_root": add_data_flags, "device": add_device_flag, "seed": add_seed_flag,
+              "sampler": add_sampler_flags}
+    grouped = {"data_root", "image_folder", "cache_dir", "device", "seed", "sampler", "sample_steps", "eta",
+               "spacing", "clip_denoised"}
+    for item in flag_fields():
+        if item.name in groups:
+            groups[item.name](flags)
+        elif item.name == "guidance":
+            add_guidance_flag(flags, many=True, default=None)
+        elif item.name in grouped:
+            continue
+        elif isinstance(item.default, bool):
+            flags.switch(item.name)
+        else:
+            kind = {"image_folder": str, "subset": int, "resume": str}.get(item.name, type(getattr(defaults, item.name)))
+            flags.add(item.name, type=kind)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a command
+# ----------------------------------------------------------------------------------------------------------------
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA, else MPS, else the CPU; an explicit device must be available."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
     if name == "auto":
         return default_device()
     if name == "cuda" and not torch.cuda.is_available():
@@ -25,6 +160,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps was requested but MPS is not available here (use --device auto or cpu)")
     return torch.device(name)
+
+
+def refuse_existing(path: str, overwrite: bool) -> None:
+    """Refuse to replace an existing output file unless asked: committed results are evidence."""
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another output name")
 
 
 def exit_on_error(command, *args) -> None:

@@ -6,6 +6,8 @@ samples are noise (measured on the MNIST reference run: class accuracy 9 %, wher
 clean digits). So the decay warms up as in TensorFlow's ExponentialMovingAverage:
 decay_n = min(decay, (1 + n) / (10 + n)) for the n-th update.
 """
+from __future__ import annotations
+
 import copy
 
 import torch

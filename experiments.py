@@ -19,20 +19,26 @@ The study's results go to --out (small files only, meant to be committed):
 Test losses are comparable between runs with the same T and loss type only: they are averaged over timesteps
 spread over 1..T, and an l1 run reports the l1 loss. The metric table compares every run.
 """
+from __future__ import annotations
+
 import argparse
 import csv
 import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 
 import utils
-from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
-from ddpm import DDPM
-from evaluate import CSV_FIELDS, DATASET_DEFAULTS, default_csv_path, evaluate_checkpoint, write_csv
-from training import TrainConfig, count_parameters, load_data, resolve_config, test_loss, train
+from cli import OneLineParser, add_data_flags, add_device_flag, add_out_flag, exit_on_error, resolve_device, tool_flags
+from ddpm import network_from_config
+from generation import load_for_sampling
+from image_data import load_data
+from sample_quality import CSV_FIELDS, evaluate_checkpoint, write_table
+from train_config import SCRIPT_DEFAULTS, TrainConfig
+from training import count_parameters, resolve_config, test_loss, train
 
 RAW = ":raw"  # suffix of a run name in a comparison: the run's raw weights instead of its EMA
 
@@ -40,10 +46,10 @@ RAW = ":raw"  # suffix of a run name in a comparison: the run's raw weights inst
 @dataclass
 class Evaluation:
     """How every run of a study is judged (evaluate.py's settings)."""
-    guidance: list[float]
+    guidance: List[float]
     n_per_class: int
     sampler: str = "ddim"
-    steps: int | None = 50
+    steps: Optional[int] = 50
     clip_denoised: bool = True  # the cosine schedule needs it; every run of a study is judged the same way
 
 
@@ -57,14 +63,14 @@ class Study:
     """
     dataset: str
     base: dict
-    runs: dict[str, dict]
-    comparisons: dict[str, list[str]]
+    runs: Dict[str, dict]
+    comparisons: Dict[str, List[str]]
     evaluation: Evaluation
     x: str = "images"
     defaults: TrainConfig = field(init=False)
 
     def __post_init__(self):
-        self.defaults = DATASET_DEFAULTS[self.dataset]
+        self.defaults = SCRIPT_DEFAULTS[self.dataset]
 
     def raw_runs(self) -> list[str]:
         """Runs whose raw weights some comparison needs."""
@@ -153,12 +159,12 @@ def train_run(config: TrainConfig) -> str:
 def metric_rows(study: Study, checkpoint: str, weights: str, flags: dict, device: torch.device) -> list[dict]:
     """evaluate.py's table of the checkpoint, read back from its CSV when an earlier call wrote it."""
     stem, _ = os.path.splitext(checkpoint)
-    path = default_csv_path(checkpoint if weights == "ema" else f"{stem}_raw.pth")
+    path = f"{stem}_eval.csv" if weights == "ema" else f"{stem}_raw_eval.csv"
     if not os.path.exists(path):
         judged = study.evaluation
         rows = evaluate_checkpoint(checkpoint, judged.guidance, judged.n_per_class, judged.sampler, judged.steps,
                                    weights, judged.clip_denoised, device=device, flags=flags)
-        write_csv(rows, path)
+        write_table(rows, path)
     with open(path, newline="") as file:
         return list(csv.DictReader(file))
 
@@ -170,7 +176,7 @@ def raw_test_losses(config: TrainConfig, device: torch.device) -> list[dict]:
     for epoch in range(1, config.epochs + 1):
         path = epoch_checkpoint(config, epoch)
         if os.path.exists(path):
-            model = DDPM.from_checkpoint(path, device, weights="raw")
+            model = load_for_sampling(path, device, weights="raw")
             records.append({"epoch": epoch, **test_loss(model, test_set, config)})
     return records
 
@@ -265,9 +271,9 @@ def write_loss_table(curves: dict[str, list[dict]], path: str) -> None:
 def run_summary(study: Study, run_name: str, config: TrainConfig, records: list[dict]) -> dict:
     seconds = sum(float(record["seconds"]) for record in records)
     images = len_subset(config) * config.epochs
-    model = DDPM.from_config(dataclasses.asdict(config))
     last = records[-1]
-    return {"run": run_name, "changes": describe_changes(study, run_name), "parameters": count_parameters(model),
+    parameters = count_parameters(network_from_config(dataclasses.asdict(config)))
+    return {"run": run_name, "changes": describe_changes(study, run_name), "parameters": parameters,
             "images_seen": images, "epochs": config.epochs, "train_seconds": round(seconds, 1),
             "seconds_per_1000_images": round(1000 * seconds / images, 2),
             "final_train_loss": last["train_loss"], "final_test_loss": last.get("test_loss", "")}
@@ -286,15 +292,14 @@ def len_subset(config: TrainConfig) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.splitlines()[0])
+    flags = tool_flags(parser)
     parser.add_argument("study", choices=sorted(STUDIES), help="which study to run")
     parser.add_argument("--runs", nargs="+", metavar="RUN", help="train and judge only these runs (default: all)")
     parser.add_argument("--list", action="store_true", help="list the study's runs and comparisons, then stop")
-    parser.add_argument("--data-root", help="folder with the dataset in torchvision's layout")
-    parser.add_argument("--image-folder", help="class-per-subfolder training images; a 'test' sibling is the test "
-                                               "split")
-    parser.add_argument("--cache-dir", help="where decoded --image-folder tensors are cached")
-    parser.add_argument("--device", choices=DEVICES, help="default: auto")
-    parser.add_argument("--out", help="folder for the study's tables and figures (default: log_<study>/experiments)")
+    add_data_flags(flags)
+    add_device_flag(flags)
+    add_out_flag(flags, "folder for the study's tables and figures (default: <work>/<study>/results; the "
+                        "committed results were written with --out log_<study>/experiments)", required=False)
     parser.add_argument("--work", default="scratch/experiments",
                         help="folder for the runs' checkpoints and grids (default: scratch/experiments)")
     return parser
@@ -322,8 +327,8 @@ def run(args: argparse.Namespace) -> None:
         return
     flags = {key: value for key, value in (("data_root", args.data_root), ("image_folder", args.image_folder),
                                            ("cache_dir", args.cache_dir)) if value is not None}
-    out = args.out or os.path.join(f"log_{args.study}", "experiments")
-    run_study(args.study, study, flags, out, args.work, resolve_device(args.device or "auto"), args.runs)
+    out = args.out or os.path.join(args.work, args.study, "results")
+    run_study(args.study, study, flags, out, args.work, resolve_device(args.device), args.runs)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 Every loader returns an ``ImageSet``: images uint8 [N, C, H, W], labels long [N], class names. Training
 then draws batches from these tensors directly (on the device when they fit), so no image is decoded twice.
 """
+from __future__ import annotations
+
 import hashlib
 import os
 from dataclasses import dataclass
@@ -125,3 +127,35 @@ def test_folder_for(image_folder: str) -> str | None:
     if os.path.abspath(image_folder) != sibling and os.path.isdir(sibling):
         return sibling
     return None
+
+
+def to_model_scale(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, C, H, W] in 0..255 -> float [N, C, H, W] in [-1, 1], the scale the model trains on."""
+    return images.float() / 127.5 - 1
+
+
+def load_data(config) -> tuple[ImageSet, ImageSet]:
+    """(train, test) image sets of a run (``train_config.TrainConfig``) as uint8 tensors.
+
+    The test split is the dataset's own, the 'test' sibling of --image-folder, or else a fixed held-out slice
+    of the training images (then left out of training). The test set keeps config.eval_images images.
+    """
+    if config.image_folder:
+        cache = os.path.expanduser(config.cache_dir) if config.cache_dir else None
+        train_set = load_image_folder(config.image_folder, config.in_channels, config.image_size, cache)
+        test_folder = test_folder_for(config.image_folder)
+        if test_folder:
+            test_set = load_image_folder(test_folder, config.in_channels, config.image_size, cache)
+        else:
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1234))
+            held_out = min(config.eval_images, len(train_set) // 10)
+            test_set, train_set = train_set.select(order[:held_out]), train_set.select(order[held_out:].sort().values)
+    else:
+        train_set = load_builtin(config.dataset, config.data_root, train=True)
+        test_set = load_builtin(config.dataset, config.data_root, train=False)
+    expected = (config.in_channels, config.image_size, config.image_size)
+    if tuple(train_set.images.shape[1:]) != expected:
+        raise DataError(f"images have shape {list(train_set.images.shape[1:])}, expected {list(expected)}")
+    if len(train_set.classes) != config.n_classes:
+        raise DataError(f"found {len(train_set.classes)} classes, the model is built for {config.n_classes}")
+    return train_set.first(config.subset), test_set.first(config.eval_images)

@@ -1,81 +1,78 @@
 """Sample a trained conditional DDPM: classes, or a mixture of classes (sheet 1: guiding towards a mixture).
 
     python sample.py --checkpoint CKPT [--classes 3 7 | --mix 3:0.5,8:0.5 [--compose]] [--n 8] [--guidance 2]
-                     [--sampler ddpm|ddim] [--steps 50] [--eta 0] [--clip-denoised] [--seed 0]
-                     [--device auto|cpu|cuda|mps] --out out.png [--gif out.gif]
+                     [--sampler ddpm|ddim|dpm++2m] [--steps S] [--eta 0] [--clip-denoised] [--seed 0]
+                     [--weights ema|raw] [--device auto|cpu|cuda|mps] --out out.png [--gif out.gif]
 
 Classes give a grid with one column per class and --n rows; a mixture gives --n images in a row-major grid.
 Two ways to guide towards a mixture sum_i p_i c_i of one-hot classes c_i (weights normalised to sum to 1):
 
     convex (default)   one class vector c = sum_i p_i c_i in S1 eq. 5:
                        eps~ = (1 + w) eps(y_t, t, c) - w eps(y_t, t, 0)
-    composed (--compose)  one conditional copy per class, composed guidance:
-                       eps~ = eps(y_t, t, 0) + sum_i (1 + w) p_i (eps(y_t, t, c_i) - eps(y_t, t, 0))
+    composed (--compose)  one conditional copy per class, eq. 5 for each, averaged with the proportions:
+                       eps~ = eps(y_t, t, 0) + (1 + w) sum_i p_i (eps(y_t, t, c_i) - eps(y_t, t, 0))
 
-Both reduce to eq. 5 for a single class; ``DDPM.guided_noise`` evaluates either in one batched network call.
-Errors (bad checkpoint, class, mixture, flag) are one line on stderr with exit code 2.
+Both reduce to eq. 5 for a single class; ``GaussianDiffusion.guided_noise`` evaluates either in one batched
+network call. Errors (bad checkpoint, class, mixture, flag) are one line on stderr with exit code 2.
 """
+from __future__ import annotations
+
 import argparse
 import math
 import os
 import time
-from typing import Sequence
+from typing import Dict, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import utils
-from cli import DEVICES, OneLineParser, exit_on_error, resolve_device
-from ddpm import DDPM, SAMPLERS
-from speed import load_fast_sampler
+from cli import (OneLineParser, add_checkpoint_flags, add_count_flag, add_device_flag, add_guidance_flag,
+                 add_out_flag, add_sampler_flags, add_seed_flag, exit_on_error, resolve_device, tool_flags)
+from ddpm import class_grid_labels
+from generation import animation_states, generate, load_for_sampling
 
 MAX_GRID_COLUMNS = 8                       # a mixture's n images are laid out row-major, this many per row
-DEFAULT_DDIM_STEPS = 50
 
-Mixture = dict[int, float]                 # class -> (unnormalised, non-negative) weight, in the order given
+Mixture = Dict[int, float]                 # class -> (unnormalised, non-negative) weight, in the order given
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Conditions and guidance weights for DDPM.sample_guided / guided_noise: (conditions [K, N, n_classes], K weights)
+# Conditions and proportions for generation.generate: (conditions [K, N, n_classes], K proportions summing to 1)
 # ----------------------------------------------------------------------------------------------------------------
 
-def class_conditions(classes: Sequence[int], n: int, n_classes: int,
-                     guidance: float) -> tuple[torch.Tensor, tuple[float]]:
+def class_conditions(classes: Sequence[int], n: int, n_classes: int) -> tuple[torch.Tensor, tuple[float]]:
     """n images of each class, ordered class-fastest (row r holds the r-th image of every class), S1 eq. 5.
 
-    Returns conditions [1, n * len(classes), n_classes] (one-hot) and the weight (1 + w,).
+    Returns conditions [1, n * len(classes), n_classes] (one-hot) and the proportions (1.0,).
     """
     check_classes(classes, n_classes)
-    labels = torch.tensor(list(classes)).repeat(n)
-    return F.one_hot(labels, n_classes).float().unsqueeze(0), (1.0 + guidance,)
+    return F.one_hot(class_grid_labels(classes, n), n_classes).float().unsqueeze(0), (1.0,)
 
 
-def convex_mixture_conditions(mixture: Mixture, n: int, n_classes: int,
-                              guidance: float) -> tuple[torch.Tensor, tuple[float]]:
+def convex_mixture_conditions(mixture: Mixture, n: int, n_classes: int) -> tuple[torch.Tensor, tuple[float]]:
     """Mixture as ONE class vector c = sum_i p_i e_{c_i} (a convex combination of one-hot vectors), S1 eq. 5.
 
-    Returns conditions [1, n, n_classes] (n copies of c) and the weight (1 + w,).
+    Returns conditions [1, n, n_classes] (n copies of c) and the proportions (1.0,).
     """
     proportions = normalised(mixture, n_classes)
     vector = torch.zeros(n_classes)
     for label, p in proportions.items():
         vector[label] = p
-    return vector.expand(1, n, n_classes).clone(), (1.0 + guidance,)
+    return vector.expand(1, n, n_classes).clone(), (1.0,)
 
 
-def composed_mixture_conditions(mixture: Mixture, n: int, n_classes: int,
-                                guidance: float) -> tuple[torch.Tensor, tuple[float, ...]]:
-    """Mixture by composed guidance: one conditional copy per class c_i with weight w_i = (1 + w) p_i.
+def composed_mixture_conditions(mixture: Mixture, n: int, n_classes: int) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """Mixture by composed guidance: one conditional copy per class c_i, weighted by its proportion p_i.
 
-    eps~ = eps(0) + sum_i w_i (eps(c_i) - eps(0)). Returns conditions [K, n, n_classes] (conditions[i] = n copies
-    of e_{c_i}) and the K weights, K = number of classes in the mixture.
+    Returns conditions [K, n, n_classes] (conditions[i] = n copies of e_{c_i}) and the K proportions
+    (``ddpm.composed_guidance``), K = number of classes in the mixture.
     """
     proportions = normalised(mixture, n_classes)
     one_hots = F.one_hot(torch.tensor(list(proportions)), n_classes).float()       # [K, n_classes]
     conditions = one_hots.unsqueeze(1).expand(-1, n, -1).clone()                     # [K, n, n_classes]
-    return conditions, tuple((1.0 + guidance) * p for p in proportions.values())
+    return conditions, tuple(proportions.values())
 
 
 def normalised(mixture: Mixture, n_classes: int) -> Mixture:
@@ -119,35 +116,8 @@ def parse_mixture(text: str) -> Mixture:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model, sampling, writing
+# Writing and the command line
 # ----------------------------------------------------------------------------------------------------------------
-
-def image_size(model: DDPM) -> tuple[int, int, int]:
-    """(C, H, W) of the images the model's U-Net makes."""
-    network = model.nn_model
-    return network.in_channels, network.height, network.height
-
-
-def generate(model: DDPM, conditions: torch.Tensor, weights: Sequence[float], sampler: str = "ddpm",
-             steps: int | None = None, eta: float = 0.0, seed: int = 0,
-             clip_denoised: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """``DDPM.sample_guided`` from noise fixed by ``seed``: (y_0 [N, C, H, W] on the CPU, frames [F, N, C, H, W]).
-
-    conditions [K, N, n_classes] (moved to the model's device); the same seed and N give the same noise, so rows
-    sampled with different conditions are directly comparable.
-    """
-    torch.manual_seed(seed)
-    images, frames = model.sample_guided(conditions.to(model.device), tuple(weights), image_size(model),
-                                         sampler, ddim_steps(model, sampler, steps), eta, clip_denoised)
-    return images.float().cpu(), frames
-
-
-def ddim_steps(model: DDPM, sampler: str, steps: int | None) -> int | None:
-    """--steps as given; for DDIM without --steps, min(50, T)."""
-    if steps is None and sampler == "ddim":
-        return min(DEFAULT_DDIM_STEPS, model.n_timesteps)
-    return steps
-
 
 def save_grid(images: torch.Tensor, path: str, columns: int) -> None:
     """images [N, C, H, W] in [-1, 1] as a grid with ``columns`` images per row (padding 2)."""
@@ -158,42 +128,30 @@ def save_grid(images: torch.Tensor, path: str, columns: int) -> None:
 def make_parent_folder(path: str) -> None:
     folder = os.path.dirname(path)
     if folder:
-        utils.ensure_folder(folder)
+        os.makedirs(folder, exist_ok=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared with visualize.py: checkpoint, guidance, seed, device."""
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (model_ep*.pth)")
-    parser.add_argument("--guidance", type=float, default=2.0, help="guidance weight w of S1 eq. 5 (default: 2)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the initial and per-step noise")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto picks cuda, then mps, then cpu")
-
-
-def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared with visualize.py: sampler, DDIM steps, eta, clipping of the predicted y_0."""
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                        help="the sheet's ancestral sampler (all T steps) or DDIM (default: ddpm)")
-    parser.add_argument("--steps", type=int, help=f"DDIM steps (default: min({DEFAULT_DDIM_STEPS}, T))")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
-    parser.add_argument("--clip-denoised", action="store_true",
-                        help="clip the predicted y_0 to [-1, 1] at every step (needed by cosine-schedule models)")
+def add_model_flags(parser: argparse.ArgumentParser, guidance: float = 2.0) -> None:
+    """The flags of every tool that samples one checkpoint: checkpoint, weights, guidance, seed, device."""
+    flags = tool_flags(parser)
+    add_checkpoint_flags(flags)
+    add_guidance_flag(flags, many=False, default=guidance)
+    add_seed_flag(flags)
+    add_device_flag(flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     add_model_flags(parser)
-    add_sampler_flags(parser)
+    flags = tool_flags(parser)
+    add_sampler_flags(flags)
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--classes", type=int, nargs="+", metavar="C", help="classes, one column each (default: all)")
     what.add_argument("--mix", metavar="C:W,...", help="a mixture of classes, e.g. 3:0.5,8:0.5 (weights normalised)")
     parser.add_argument("--compose", action="store_true",
                         help="guide towards the --mix by composed guidance instead of a convex class vector")
-    parser.add_argument("--n", type=int, default=8, help="images per class, or of the mixture (default: 8)")
-    parser.add_argument("--out", required=True, help="PNG grid to write")
+    add_count_flag(flags, "images per class, or of the mixture")
+    add_out_flag(flags, "PNG grid to write")
     parser.add_argument("--gif", help="also write the reverse process as an animated GIF")
     return parser
 
@@ -205,23 +163,30 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
     eta = getattr(args, "eta", 0.0)
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"--eta must be a non-negative number, got {eta}")
-    if getattr(args, "steps", None) is not None and args.steps < 1:
-        raise ValueError(f"--steps must be positive, got {args.steps}")
+    if getattr(args, "sample_steps", None) is not None and args.sample_steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.sample_steps}")
     if getattr(args, "n", 1) < 1:
         raise ValueError(f"--n must be positive, got {args.n}")
 
 
 def requested_conditions(args: argparse.Namespace, n_classes: int) -> tuple[torch.Tensor, tuple, int, str]:
-    """(conditions, weights, grid columns, description) for --classes, --mix [--compose], or all classes."""
+    """(conditions, proportions, grid columns, description) for --classes, --mix [--compose], or all classes."""
     if args.mix is not None:
         mixture = parse_mixture(args.mix)
         build = composed_mixture_conditions if args.compose else convex_mixture_conditions
-        conditions, weights = build(mixture, args.n, n_classes, args.guidance)
+        conditions, proportions = build(mixture, args.n, n_classes)
         kind = "composed guidance" if args.compose else "convex class vector"
-        return conditions, weights, min(args.n, MAX_GRID_COLUMNS), f"{args.n} images of the mixture {args.mix} ({kind})"
+        return (conditions, proportions, min(args.n, MAX_GRID_COLUMNS),
+                f"{args.n} images of the mixture {args.mix} ({kind})")
     classes = args.classes if args.classes is not None else list(range(n_classes))
-    conditions, weights = class_conditions(classes, args.n, n_classes, args.guidance)
-    return conditions, weights, len(classes), f"{args.n} images each of classes {' '.join(map(str, classes))}"
+    conditions, proportions = class_conditions(classes, args.n, n_classes)
+    return conditions, proportions, len(classes), f"{args.n} images each of classes {' '.join(map(str, classes))}"
+
+
+def sampler_settings(args: argparse.Namespace) -> dict:
+    """The sampler flags as keyword arguments of ``generation.generate``."""
+    return dict(sampler=args.sampler, steps=args.sample_steps, eta=args.eta, clip_denoised=args.clip_denoised,
+                spacing=args.spacing, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -231,10 +196,10 @@ def run(args: argparse.Namespace) -> None:
     if args.mix is not None:
         parse_mixture(args.mix)                         # syntax errors before the (slow) model load
     started = time.perf_counter()
-    model = load_fast_sampler(args.checkpoint, resolve_device(args.device))
-    conditions, weights, columns, description = requested_conditions(args, model.n_classes)
-    images, frames = generate(model, conditions, weights, args.sampler, args.steps, args.eta, args.seed,
-                              args.clip_denoised)
+    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights)
+    conditions, proportions, columns, description = requested_conditions(args, model.n_classes)
+    keep = animation_states(model.diffusion, args.sampler, args.sample_steps, args.spacing) if args.gif else ()
+    images, frames = generate(model, conditions, args.guidance, proportions, keep=keep, **sampler_settings(args))
     save_grid(images, args.out, columns)
     written = [args.out]
     if args.gif:

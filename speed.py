@@ -1,24 +1,19 @@
 """The fast path: per-device choices that bench.py measured, and the helpers that apply them.
 
-``FastPath.plain()`` is the straightforward path (fp32, eager, default memory format, per-tensor Adam).
-``FastPath.for_device(device)`` is the default fast path. Measured on the 2-core CPU (README.txt, "Measured
-speed", python bench.py): for sampling, BatchNorm folded into the convolutions plus channels_last gave 1.2x
-(MNIST) and 1.2x-1.5x (CIFAR-10); for training, foreach Adam and torch.compile changed nothing beyond the noise
-(0.92x-1.03x), and channels_last gave the 3-channel CIFAR-10 shape 1.05x-1.16x, so it alone is kept there.
-Measured on an H200 (torch 2.11, bench.py, CIFAR-10 shape, batch 128): these small networks are bound by kernel
-launches, not arithmetic; fused Adam gave training 1.46x (F=32) and 1.36x (F=64), channels_last 1.12x and
-1.07x, while bf16 autocast alone slowed training to 0.75x and 0.85x and the 400-step sampler to 0.67x and 0.81x
-(its casts are extra kernels), so the CUDA default is channels_last + fused Adam + BatchNorm folding, without
-autocast. --no-fast turns every choice off.
+``FastPath()`` is the straightforward path (fp32, eager, default memory format, per-tensor Adam);
+``FastPath.for_device(device)`` is the default fast path. The measurements behind each choice are in README.txt
+("Measured speed"); --no-fast turns every choice off.
 
 - channels_last: NHWC convolutions (oneDNN on the CPU, tensor cores on CUDA).
-- bf16 autocast: CUDA only and off by default (slower on the H200 for these sizes, see above); this AVX2
-  CPU has no bf16 units and runs it far slower.
+- bf16 autocast: CUDA only and off by default (measured slower on an H200 for these sizes).
 - fused Adam: one kernel over all parameters instead of several per tensor (CUDA).
 - BatchNorm folding: in eval mode BatchNorm is a fixed affine map, which
   ``torch.nn.utils.fusion.fuse_conv_bn_eval`` merges into the preceding convolution (sampling only).
-- compile: torch.compile of the sampling network (opt-in: 25-30 s of compilation on the CPU, then 1.6-1.8x).
+- compile: torch.compile of the sampling network, and with the training flag --compile of the training network
+  too (opt-in: tens of seconds of compilation on the CPU).
 """
+from __future__ import annotations
+
 import contextlib
 import copy
 from dataclasses import dataclass
@@ -38,13 +33,9 @@ class FastPath:
     compile_sampler: bool = False
 
     @classmethod
-    def plain(cls) -> "FastPath":
-        return cls()
-
-    @classmethod
     def for_device(cls, device: torch.device, in_channels: int = 3, compile_sampler: bool = False) -> "FastPath":
-        """The default fast path of a device for images of ``in_channels`` channels (see the module docstring
-        for the measurements behind it)."""
+        """The default fast path of a device for images of ``in_channels`` channels (README.txt, "Measured
+        speed", has the measurements behind it)."""
         if device.type == "cuda":
             return cls(train_channels_last=True, sample_channels_last=True, fused_adam=True, fold_batchnorm=True,
                        compile_sampler=compile_sampler)
@@ -81,9 +72,8 @@ def autocast(device: torch.device, path: FastPath):
 
 
 class FastInference(nn.Module):
-    """Wraps a copy of the network for sampling: BatchNorm folded into the convolutions, channels_last inputs,
-    bf16 autocast, torch.compile, as the fast path says; returns fp32 noise [N, C, H, W]. Keeps the attributes
-    DDPM and the tools read (n_classes, in_channels, height, n_features)."""
+    """A copy of a network for sampling, run as the fast path says: BatchNorm folded into the convolutions,
+    channels_last inputs, bf16 autocast, torch.compile. ``forward(x, t, c)`` returns fp32 noise [N, C, H, W]."""
 
     def __init__(self, network: nn.Module, path: FastPath):
         super().__init__()
@@ -93,8 +83,6 @@ class FastInference(nn.Module):
         self.network = network_to_channels_last(network, path.sample_channels_last)
         self.call = torch.compile(self.network) if path.compile_sampler else self.network
         self.path = path
-        for name in ("n_classes", "in_channels", "height", "n_features"):
-            setattr(self, name, getattr(network, name))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.path):
@@ -112,20 +100,3 @@ def fold_batchnorm(network: nn.Module) -> nn.Module:
                 module[index] = fuse_conv_bn_eval(conv.eval(), norm.eval())
                 module[index + 1] = nn.Identity()
     return network
-
-
-def fast_sampler(model, path: FastPath, network: nn.Module | None = None):
-    """A DDPM with ``model``'s schedule whose network is a ``FastInference`` copy of ``network`` (default:
-    ``model.nn_model``), e.g. the EMA weights."""
-    from ddpm import DDPM
-    network = model.nn_model if network is None else network
-    return DDPM(FastInference(network, path), model.beta1, model.beta2, model.n_timesteps,
-                device=model.device, drop_prob=model.drop_prob, schedule=model.schedule, loss_type=model.loss_type)
-
-
-def load_fast_sampler(path: str, device: torch.device, compile_sampler: bool = False, weights: str = "ema"):
-    """``DDPM.from_checkpoint`` (``weights``: 'ema' when kept, or 'raw') on the default fast path of ``device``,
-    ready to sample."""
-    from ddpm import DDPM
-    model = DDPM.from_checkpoint(path, device=device, weights=weights)
-    return fast_sampler(model, FastPath.for_device(device, model.nn_model.in_channels, compile_sampler))

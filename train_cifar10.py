@@ -1,13 +1,11 @@
 """Train the conditional DDPM on CIFAR-10 (sheet 1, task 4): ``python train_cifar10.py [flags]``, ``--help`` lists them.
 
-The sheet's settings: Adam with a constant learning rate, T = 400, beta_1 = 1e-4, beta_T = 0.02, p_uncond = 0.1,
-guidance weights w in {1, 3}, 4 samples per class, grids every 10 and GIFs every 20 epochs, into log_cifar10/.
-Random horizontal flips are on (--no-flip turns them off).
+The sheet's settings (train_config.CIFAR10): Adam with a constant learning rate, T = 400, beta_1 = 1e-4,
+beta_T = 0.02, p_uncond = 0.1, guidance weights w in {1, 3}, 4 samples per class, grids every 10 and GIFs every
+20 epochs, into log_cifar10/. Random horizontal flips are on (--no-flip turns them off).
 """
-from training import TrainConfig, main
-
-CIFAR10 = TrainConfig(dataset="cifar10", out="log_cifar10", epochs=100, batch_size=128, guidance=[1.0, 3.0],
-                      sample_every=10, gif_every=20, save_every=10, flip=True)
+from train_config import CIFAR10
+from training import main
 
 if __name__ == "__main__":
     main(CIFAR10, description=__doc__.splitlines()[0])

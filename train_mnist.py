@@ -1,12 +1,11 @@
 """Train the conditional DDPM on MNIST (sheet 1, task 3): ``python train_mnist.py [flags]``, ``--help`` lists them.
 
-The sheet's settings: Adam with a constant learning rate, T = 400, beta_1 = 1e-4, beta_T = 0.02, p_uncond = 0.1,
-guidance weights w in {0, 1, 3}, 4 samples per class, grids, GIFs and checkpoints every 5 epochs, into log_mnist/.
+The sheet's settings (train_config.MNIST): Adam with a constant learning rate, T = 400, beta_1 = 1e-4,
+beta_T = 0.02, p_uncond = 0.1, guidance weights w in {0, 1, 3}, 4 samples per class, grids, GIFs and
+checkpoints every 5 epochs, into log_mnist/.
 """
-from training import TrainConfig, main
-
-MNIST = TrainConfig(dataset="mnist", out="log_mnist", epochs=20, batch_size=128, guidance=[0.0, 1.0, 3.0],
-                    sample_every=5, gif_every=5, save_every=5, flip=False)
+from train_config import MNIST
+from training import main
 
 if __name__ == "__main__":
     main(MNIST, description=__doc__.splitlines()[0])

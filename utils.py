@@ -2,8 +2,9 @@
 
 Images come in as tensors in [-1, 1] (the training scale) and are mapped to [0, 1] for torchvision.
 """
+from __future__ import annotations
+
 import csv
-import os
 from typing import Sequence
 
 import matplotlib
@@ -49,13 +50,8 @@ def write_rows_csv(rows: Sequence[dict], path: str, columns: Sequence[str] | Non
         writer.writerows(rows)
 
 
-def write_loss_csv(records: Sequence[dict], path: str) -> None:
-    """One row per epoch; the columns are the union of the records' keys in first-seen order."""
-    write_rows_csv(records, path)
-
-
 def read_loss_csv(path: str) -> list[dict]:
-    """The records of ``write_loss_csv``: 'epoch' as int, the other filled cells as float."""
+    """The per-epoch records of a loss.csv: 'epoch' as int, the other filled cells as float."""
     with open(path, newline="") as file:
         return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items() if value != ""}
                 for row in csv.DictReader(file)]
@@ -176,8 +172,3 @@ def save_labelled_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def ensure_folder(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path

@@ -8,23 +8,24 @@
 
 The strips show t = 0, T/8, 2T/8, ..., T. Errors are one line on stderr with exit code 2 (as in sample.py).
 """
+from __future__ import annotations
+
 import argparse
+import os
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import utils
 from checkpoints import load_checkpoint
-from cli import OneLineParser, exit_on_error, resolve_device
-from ddpm import DDPM, SCHEDULES, ddpm_schedule
-from image_data import load_builtin, load_image_folder
-from sample import (add_model_flags, add_sampler_flags, check_classes, check_sampling_arguments,
-                    class_conditions, composed_mixture_conditions, convex_mixture_conditions,
-                    generate, image_size, make_parent_folder)
-from speed import load_fast_sampler
-from training import GEOMETRY, to_model_scale
+from cli import (OneLineParser, add_checkpoint_flags, add_count_flag, add_data_flags, add_out_flag,
+                 add_sampler_flags, add_seed_flag, exit_on_error, resolve_device, tool_flags)
+from ddpm import SCHEDULES, GaussianDiffusion, ddpm_schedule
+from generation import SamplingModel, generate, load_for_sampling
+from image_data import load_builtin, load_image_folder, to_model_scale
+from sample import (add_model_flags, check_classes, check_sampling_arguments, class_conditions,
+                    composed_mixture_conditions, convex_mixture_conditions, make_parent_folder, sampler_settings)
+from train_config import GEOMETRY, TrainConfig
 
 STRIP_PARTS = 8      # the strips show t = k T / 8, k = 0..8
 
@@ -52,21 +53,9 @@ def draw_schedules(args: argparse.Namespace) -> str:
 # forward process
 # ----------------------------------------------------------------------------------------------------------------
 
-class NoNetwork(nn.Module):
-    """Stands in for the U-Net where only the forward process q(y_t | y_0) is needed; it has no weights."""
-
-    def __init__(self, n_classes: int):
-        super().__init__()
-        self.n_classes = n_classes
-
-    def forward(self, *inputs):
-        raise RuntimeError("this DDPM only runs the forward process; it has no network")
-
-
-def forward_process_model(config: dict) -> DDPM:
-    """A DDPM with the config's schedule (timesteps, beta1, beta2, schedule) and no network, on the CPU."""
-    return DDPM(NoNetwork(config.get("n_classes", 10)), config["beta1"], config["beta2"], config["timesteps"],
-                device="cpu", schedule=config["schedule"])
+def forward_process_model(config: dict) -> GaussianDiffusion:
+    """The diffusion of the config's schedule (timesteps, beta1, beta2, schedule), on the CPU."""
+    return GaussianDiffusion.from_config(config)
 
 
 def forward_config(args: argparse.Namespace) -> dict:
@@ -86,7 +75,8 @@ def real_image(args: argparse.Namespace, config: dict) -> torch.Tensor:
     if image_folder:
         channels = config.get("in_channels", GEOMETRY[dataset]["in_channels"])
         size = config.get("image_size", GEOMETRY[dataset]["image_size"])
-        images = load_image_folder(image_folder, channels, size).images
+        cache = args.cache_dir if args.cache_dir is not None else config.get("cache_dir", "")
+        images = load_image_folder(image_folder, channels, size, os.path.expanduser(cache) if cache else None).images
     else:
         images = load_builtin(dataset, args.data_root or config.get("data_root", "./data"), train=True).images
     if not 0 <= args.index < len(images):
@@ -94,7 +84,7 @@ def real_image(args: argparse.Namespace, config: dict) -> torch.Tensor:
     return to_model_scale(images[args.index:args.index + 1])
 
 
-def forward_frames(model: DDPM, y0: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
+def forward_frames(model: GaussianDiffusion, y0: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
     """y_t ~ q(y_t | y_0) (S1 eq. 3) with ONE noise draw eps shared by every t: y0 [1, C, H, W] -> [K, C, H, W].
 
     t = 0 is y_0 itself.
@@ -119,27 +109,20 @@ def draw_forward(args: argparse.Namespace) -> str:
 # reverse process
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.inference_mode()
-def reverse_frames(model: DDPM, label: int, guidance: float, timesteps: list[int], seed: int) -> torch.Tensor:
-    """One sample of class ``label``: y_T ~ N(0, I), then p_sample (S1 eqs. 4-5) down to y_0.
-
-    Returns y_t for the given t (descending order of the reverse process), [K, C, H, W] on the CPU.
-    """
-    torch.manual_seed(seed)
-    c = F.one_hot(torch.tensor([label]), model.n_classes).float().to(model.device)
-    y = torch.randn(1, *image_size(model), device=model.device)
-    kept = {model.n_timesteps: y}
-    for t in range(model.n_timesteps, 0, -1):
-        y = model.p_sample(y, t, c, guidance)
-        kept[t - 1] = y
-    return torch.cat([kept[t] for t in timesteps]).float().cpu()
+def reverse_frames(model: SamplingModel, label: int, guidance: float, timesteps: list[int],
+                   seed: int) -> torch.Tensor:
+    """One sample of class ``label`` by the sheet's sampler (S1 eqs. 4-5): y_t for the given t (T is the initial
+    noise, 0 the sample), in descending order, [K, C, H, W] on the CPU."""
+    conditions, _ = class_conditions([label], 1, model.n_classes)
+    _, frames = generate(model, conditions, guidance, sampler="ddpm", seed=seed, keep=timesteps)
+    return torch.from_numpy(frames[:, 0])
 
 
 def draw_reverse(args: argparse.Namespace) -> str:
     check_sampling_arguments(args)
-    model = load_fast_sampler(args.checkpoint, resolve_device(args.device))
+    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights)
     check_classes([args.label], model.n_classes)
-    timesteps = strip_timesteps(model.n_timesteps)[::-1]
+    timesteps = strip_timesteps(model.diffusion.n_timesteps)[::-1]
     frames = reverse_frames(model, args.label, args.guidance, timesteps, args.seed)
     make_parent_folder(args.out)
     utils.save_strip(frames, [f"t = {t}" for t in timesteps], args.out,
@@ -166,24 +149,25 @@ def parse_pair(text: str) -> tuple[int, int]:
     return pair
 
 
-def mixture_rows(model: DDPM, a: int, b: int, args: argparse.Namespace) -> tuple[list[torch.Tensor], list[str]]:
+def mixture_rows(model: SamplingModel, a: int, b: int,
+                 args: argparse.Namespace) -> tuple[list[torch.Tensor], list[str]]:
     """Rows of n images [n, C, H, W], all from the same noise: class a, class b, the 50/50 mixture as a convex
     class vector, and the 50/50 mixture by composed guidance; with their labels."""
-    n, w, k = args.n, args.guidance, model.n_classes
+    n, k = args.n, model.n_classes
     mixture = {a: 0.5, b: 0.5}
-    built = [(class_conditions([a], n, k, w), f"class {a}"),
-             (class_conditions([b], n, k, w), f"class {b}"),
-             (convex_mixture_conditions(mixture, n, k, w), f"convex\nc = 0.5 e{a} + 0.5 e{b}"),
-             (composed_mixture_conditions(mixture, n, k, w), "composed\nw_i = (1 + w) / 2")]
-    rows = [generate(model, conditions, weights, args.sampler, args.steps, args.eta, args.seed,
-                     args.clip_denoised)[0] for (conditions, weights), _ in built]
+    built = [(class_conditions([a], n, k), f"class {a}"),
+             (class_conditions([b], n, k), f"class {b}"),
+             (convex_mixture_conditions(mixture, n, k), f"convex\nc = 0.5 e{a} + 0.5 e{b}"),
+             (composed_mixture_conditions(mixture, n, k), "composed\np_i = 1/2")]
+    rows = [generate(model, conditions, args.guidance, proportions, **sampler_settings(args))[0]
+            for (conditions, proportions), _ in built]
     return rows, [label for _, label in built]
 
 
 def draw_mixtures(args: argparse.Namespace) -> str:
     check_sampling_arguments(args)
     pairs = [parse_pair(text) for text in args.pairs]
-    model = load_fast_sampler(args.checkpoint, resolve_device(args.device))
+    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights)
     rows, labels, group_titles = [], [], []
     for a, b in pairs:
         check_classes([a, b], model.n_classes)
@@ -203,9 +187,12 @@ def draw_mixtures(args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 def add_schedule_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--timesteps", type=int, default=400, help="diffusion steps T (default: 400)")
-    parser.add_argument("--beta1", type=float, default=1e-4, help="beta_1 (default: 1e-4)")
-    parser.add_argument("--beta2", type=float, default=0.02, help="beta_T (default: 0.02)")
+    """--timesteps, --beta1, --beta2 (and --schedule) of a diffusion without a checkpoint."""
+    flags = tool_flags(parser)
+    defaults = TrainConfig()
+    for name in ("timesteps", "beta1", "beta2"):
+        flags.add(name, type=type(getattr(defaults, name)), default=getattr(defaults, name))
+    flags.add("schedule", default=defaults.schedule)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,15 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     schedules.set_defaults(run=draw_schedules)
 
     forward = commands.add_parser("forward", help="one real image diffused to t = 0, T/8, ..., T")
-    forward.add_argument("--checkpoint", help="take the schedule (and, by default, the data) from this checkpoint")
+    add_checkpoint_flags(tool_flags(forward), required=False, weights=False,
+                         help="take the schedule (and, by default, the data) from this checkpoint")
     forward.add_argument("--dataset", choices=tuple(GEOMETRY), help="built-in dataset (default: the checkpoint's, "
                                                                     "else mnist)")
-    forward.add_argument("--data-root", help="folder of the built-in dataset (default: the checkpoint's, else ./data)")
-    forward.add_argument("--image-folder", help="class-per-subfolder images instead of the built-in dataset")
+    add_data_flags(tool_flags(forward))
     forward.add_argument("--index", type=int, default=0, help="which training image (default: 0)")
-    forward.add_argument("--seed", type=int, default=0, help="seed of the noise eps")
-    forward.add_argument("--schedule", choices=SCHEDULES, default="linear",
-                         help="schedule without --checkpoint (default: linear)")
+    add_seed_flag(tool_flags(forward))
     add_schedule_flags(forward)
     forward.set_defaults(run=draw_forward)
 
@@ -236,13 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     mixtures = commands.add_parser("mixtures", help="class a, class b, convex and composed 50/50 mixtures")
     add_model_flags(mixtures)
-    add_sampler_flags(mixtures)
+    add_sampler_flags(tool_flags(mixtures))
     mixtures.add_argument("--pairs", nargs="+", required=True, metavar="A:B", help="class pairs, e.g. 3:8 1:7")
-    mixtures.add_argument("--n", type=int, default=8, help="images per row (default: 8)")
+    add_count_flag(tool_flags(mixtures), "images per row")
     mixtures.set_defaults(run=draw_mixtures)
 
     for command in (schedules, forward, reverse, mixtures):
-        command.add_argument("--out", required=True, help="PNG to write")
+        add_out_flag(tool_flags(command), "PNG to write")
     return parser
 
 

@@ -1,16 +1,25 @@
 """The class-conditional U-Net that predicts the noise eps_theta(y_t, t, c) (sheet 1, task 1, figures 3 and 4).
 
-Shapes use N for the batch, C for image channels, H = W for the image size and F for ``n_features``.
+Shapes use N for the batch, C for image channels, H = W for the image size and F for ``n_features``. The first
+column names the UNet's attribute.
 
-    init       ConvBlock(C, F)                       [N, F, H, W]
-    encoder1   Encoder_Block(F, F)                   [N, F, H/2, W/2]
-    encoder2   Encoder_Block(F, 2F)                  [N, 2F, H/4, W/4]
-    hidden     AvgPool2d(H/4) -> GELU                [N, 2F, 1, 1]
-    decoder0   Decoder_Block(2F, 2F, H/4)            [N, 2F, H/4, W/4]
-    decoder1   Decoder_Block(4F, F, 2) on (c_emb1 * up1 + t_emb1, encoder2 out)   [N, F, H/2, W/2]
-    decoder2   Decoder_Block(2F, F, 2) on (c_emb2 * up2 + t_emb2, encoder1 out)   [N, F, H, W]
-    final      Conv(2F, F) -> GroupNorm(8, F) -> ReLU -> Conv(F, C) on cat(up3, init out)  [N, C, H, W]
+    init_conv         ConvBlock(C, F)                    [N, F, H, W]
+    encoder1          Encoder_Block(F, F)                [N, F, H/2, W/2]
+    encoder2          Encoder_Block(F, 2F)               [N, 2F, H/4, W/4]
+    to_hidden         AvgPool2d(H/4) -> GELU             [N, 2F, 1, 1]
+    time_embedding1   Embedding_Block(1, 2F, 'sin')      t_emb1 [N, 2F] (viewed as [N, 2F, 1, 1])
+    time_embedding2   Embedding_Block(1, F, 'sin')       t_emb2 [N, F]
+    class_embedding1  Embedding_Block(n_classes, 2F, 'GELU')   c_emb1 [N, 2F]
+    class_embedding2  Embedding_Block(n_classes, F, 'GELU')    c_emb2 [N, F]
+    decoder0          Decoder_Block(2F, 2F, H/4) on hidden, no skip: up1   [N, 2F, H/4, W/4]
+    decoder1          Decoder_Block(4F, F, 2) on (c_emb1 * up1 + t_emb1, encoder2 out): up2   [N, F, H/2, W/2]
+    decoder2          Decoder_Block(2F, F, 2) on (c_emb2 * up2 + t_emb2, encoder1 out): up3   [N, F, H, W]
+    final             Conv(2F, F) -> GroupNorm(8, F) -> ReLU -> Conv(F, C) on cat(up3, init_conv out)  [N, C, H, W]
+
+Concatenations are along the channel dimension, the first-named tensor first.
 """
+from __future__ import annotations
+
 import math
 
 import torch
@@ -27,23 +36,30 @@ class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         _require_positive(in_channels=in_channels, out_channels=out_channels)
+        # BEGIN SOLUTION sheet1-unet ConvBlock layers
         self.same_channels = in_channels == out_channels
         self.sub_block1 = _conv_bn_gelu(in_channels, out_channels)
         self.sub_block2 = _conv_bn_gelu(out_channels, out_channels)
+        # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # BEGIN SOLUTION sheet1-unet ConvBlock.forward
         h1 = self.sub_block1(x)
         h2 = self.sub_block2(h1)
         shortcut = x if self.same_channels else h1
         return (shortcut + h2) / math.sqrt(2.0)
+        # END SOLUTION
 
 
 def _conv_bn_gelu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """One sub-block of ConvBlock: Conv2d(kernel 3, stride 1, padding 1) -> BatchNorm2d -> GELU."""
+    # BEGIN SOLUTION sheet1-unet ConvBlock sub-block
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1),
         nn.BatchNorm2d(out_channels),
         nn.GELU(),
     )
+    # END SOLUTION
 
 
 class Encoder_Block(nn.Module):
@@ -51,36 +67,45 @@ class Encoder_Block(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
+        # BEGIN SOLUTION sheet1-unet Encoder_Block layers
         self.layers = nn.Sequential(
             ConvBlock(in_channels, out_channels),
             ConvBlock(out_channels, out_channels),
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
+        # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # BEGIN SOLUTION sheet1-unet Encoder_Block.forward
         return self.layers(x)
+        # END SOLUTION
 
 
 class Decoder_Block(nn.Module):
     """ConvTranspose2d(in, out, kernel = stride = transpose) -> ConvBlock(out, out) x 2.
 
-    ``forward(x, x_skip)`` first concatenates the skip connection along the channel dimension, so
-    ``in_channels`` counts the channels of x and x_skip together. [N, in, h, w] -> [N, out, h*transpose, w*transpose].
+    ``forward(x, x_skip)`` first concatenates the skip connection along the channel dimension, x's channels
+    first (``torch.cat((x, x_skip), dim=1)``), so ``in_channels`` counts the channels of x and x_skip together;
+    without x_skip the layers act on x alone. [N, in, h, w] -> [N, out, h*transpose, w*transpose].
     """
 
     def __init__(self, in_channels: int, out_channels: int, transpose: int):
         super().__init__()
         _require_positive(transpose=transpose)
+        # BEGIN SOLUTION sheet1-unet Decoder_Block layers
         self.layers = nn.Sequential(
             nn.ConvTranspose2d(in_channels, out_channels, kernel_size=transpose, stride=transpose),
             ConvBlock(out_channels, out_channels),
             ConvBlock(out_channels, out_channels),
         )
+        # END SOLUTION
 
     def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None) -> torch.Tensor:
+        # BEGIN SOLUTION sheet1-unet Decoder_Block.forward
         if x_skip is not None:
             x = torch.cat((x, x_skip), dim=1)
         return self.layers(x)
+        # END SOLUTION
 
 
 class Embedding_Block(nn.Module):
@@ -97,18 +122,26 @@ class Embedding_Block(nn.Module):
         if activation not in self.ACTIVATIONS:
             raise ValueError(f"activation must be one of {self.ACTIVATIONS}, got {activation!r}")
         self.in_channels = in_channels
+        # BEGIN SOLUTION sheet1-unet Embedding_Block layers
         self.linear1 = nn.Linear(in_channels, out_channels)
         self.activation = _Sine() if activation == "sin" else nn.GELU()
         self.linear2 = nn.Linear(out_channels, out_channels)
+        # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # BEGIN SOLUTION sheet1-unet Embedding_Block.forward
         x = x.reshape(-1, self.in_channels)
         return self.linear2(self.activation(self.linear1(x)))
+        # END SOLUTION
 
 
 class _Sine(nn.Module):
+    """The sine activation of the time embedding as a module: x -> sin(x)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # BEGIN SOLUTION sheet1-unet sine activation
         return torch.sin(x)
+        # END SOLUTION
 
 
 class UNet(nn.Module):
@@ -147,12 +180,14 @@ class UNet(nn.Module):
         self.decoder0 = Decoder_Block(2 * features, 2 * features, height // 4)
         self.decoder1 = Decoder_Block(4 * features, features, 2)
         self.decoder2 = Decoder_Block(2 * features, features, 2)
+        # BEGIN SOLUTION sheet1-unet UNet final block
         self.final = nn.Sequential(
             nn.Conv2d(2 * features, features, kernel_size=3, stride=1, padding=1),
             nn.GroupNorm(8, features),
             nn.ReLU(),
             nn.Conv2d(features, in_channels, kernel_size=3, stride=1, padding=1),
         )
+        # END SOLUTION
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Predict the noise in x.
@@ -165,6 +200,7 @@ class UNet(nn.Module):
             predicted noise [N, C, H, W].
         """
         self._check_inputs(x, t, c)
+        # BEGIN SOLUTION sheet1-unet UNet.forward
         n = x.shape[0]
         features = self.n_features
 
@@ -182,6 +218,7 @@ class UNet(nn.Module):
         up2 = self.decoder1(class_emb1 * up1 + time_emb1, down2)
         up3 = self.decoder2(class_emb2 * up2 + time_emb2, down1)
         return self.final(torch.cat((up3, init), dim=1))
+        # END SOLUTION
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> None:
         expected_image = (self.in_channels, self.height, self.height)

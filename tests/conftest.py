@@ -1,4 +1,9 @@
-"""Shared test helpers: make the project importable, keep torch on few threads, tiny stub networks."""
+"""Shared test helpers: make the project importable, keep torch on few threads, tiny stub networks.
+
+Also the grading options (tests/grading/plugin.py): the ``task`` marker, ``--task TASK_ID`` and ``--grade-json``.
+"""
+from __future__ import annotations
+
 import os
 import sys
 
@@ -8,6 +13,9 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.grading import plugin as grading  # noqa: E402 (needs the project on sys.path)
+
 # The tests use tiny tensors: one thread is fastest for them, and immune to a busy machine's other processes.
 torch.set_num_threads(1)
 
@@ -53,3 +61,13 @@ def image_folder(tmp_path_factory):
             pixels = (torch.rand(20, 20, generator=generator) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")
     return str(root)
+
+
+def pytest_addoption(parser):
+    """--task TASK_ID and --grade-json PATH (tests/grading/plugin.py)."""
+    grading.add_options(parser)
+
+
+def pytest_configure(config):
+    """Registers the ``task`` marker of graded tests, and the grading plugin when asked for."""
+    grading.configure(config)

@@ -1,4 +1,6 @@
 """The shared loop under torchrun: 2 gloo processes on the CPU train in lockstep and write artifacts once."""
+from __future__ import annotations
+
 import os
 import subprocess
 import sys

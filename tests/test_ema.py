@@ -1,4 +1,6 @@
 """The EMA of the weights: warm-up, the update formula, BatchNorm statistics, and state round trip."""
+from __future__ import annotations
+
 import pytest
 import torch
 from torch import nn

@@ -1,4 +1,6 @@
 """The judge of generated samples: metrics on constructed features, the classifier file, and the CLI end to end."""
+from __future__ import annotations
+
 import csv
 import dataclasses
 import math
@@ -12,12 +14,15 @@ from PIL import Image
 from torch import nn
 
 import evaluate
+import judge
+import metrics
 from checkpoints import network_weights
 from ddpm import DDPM
-from evaluate import (Classifier, augment, class_accuracy, classify, diversity, frechet_distance,
-                      frechet_distance_from_statistics, load_classifier, save_classifier)
-from train_mnist import MNIST
-from training import TrainConfig, resolve_config, train
+from judge import Classifier, augment, classify, load_classifier, save_classifier
+from metrics import class_accuracy, diversity, frechet_distance, frechet_distance_from_statistics
+from sample_quality import evaluation_data_config
+from train_config import MNIST, TrainConfig
+from training import resolve_config, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,9 +125,9 @@ def test_diversity_grows_with_spread():
 
 
 def test_noise_floor_parts_are_disjoint_and_as_large_as_the_generated_set():
-    part, rest = evaluate.noise_floor_split(100, 30)
+    part, rest = metrics.noise_floor_split(100, 30)
     assert len(part) == 30 and len(rest) == 70 and not set(part.tolist()) & set(rest.tolist())
-    part, rest = evaluate.noise_floor_split(100, 500)
+    part, rest = metrics.noise_floor_split(100, 500)
     assert len(part) == len(rest) == 50                    # never more than half
 
 
@@ -130,10 +135,10 @@ def test_noise_floor_parts_are_disjoint_and_as_large_as_the_generated_set():
 
 def test_data_flags_replace_the_checkpoint_paths_and_the_whole_test_split_is_kept():
     saved = dataclasses.asdict(TrainConfig(image_folder="/elsewhere/train", eval_images=500, subset=100))
-    config = evaluate.evaluation_data_config(saved, {})
+    config = evaluation_data_config(saved, {})
     assert (config.image_folder, config.subset) == ("/elsewhere/train", None) and config.eval_images > 10 ** 6
-    assert evaluate.evaluation_data_config(saved, {"image_folder": "mine/train"}).image_folder == "mine/train"
-    builtin = evaluate.evaluation_data_config(saved, {"data_root": "here"})   # --data-root alone: built-in data
+    assert evaluation_data_config(saved, {"image_folder": "mine/train"}).image_folder == "mine/train"
+    builtin = evaluation_data_config(saved, {"data_root": "here"})   # --data-root alone: built-in data
     assert (builtin.data_root, builtin.image_folder) == ("here", None)
 
 
@@ -186,7 +191,7 @@ def tiny_run(tmp_path_factory):
 
 
 def evaluate_argv(run, *extra):
-    return ["--checkpoint", run["checkpoint"], "--classifier", run["classifier"], "--n-per-class", "2",
+    return ["metrics", "--checkpoint", run["checkpoint"], "--classifier", run["classifier"], "--n-per-class", "2",
             "--device", "cpu", "--cache-dir", "", *extra]
 
 
@@ -196,9 +201,9 @@ def read_rows(path):
 
 
 def test_cli_writes_a_row_for_real_images_and_one_per_weight(tiny_run, capsys):
-    evaluate.main(evaluate_argv(tiny_run, "--guidance", "0", "2", "--batch", "10"))
+    evaluate.main(evaluate_argv(tiny_run, "--guidance", "0", "2", "--chunk-size", "10"))
     output = capsys.readouterr().out
-    rows = read_rows(os.path.join(tiny_run["root"], "run", "model_ep1_eval.csv"))
+    rows = read_rows(os.path.join(tiny_run["root"], "run", "model_ep1_eval_ddpm10_w0-2_n2.csv"))
     assert [row["images"] for row in rows] == ["real", "generated", "generated"]
     assert [row["w"] for row in rows] == ["", "0.0", "2.0"]
     assert [row["n"] for row in rows] == ["40", "20", "20"]              # 10 x 4 test images, 10 x 2 generated
@@ -207,7 +212,22 @@ def test_cli_writes_a_row_for_real_images_and_one_per_weight(tiny_run, capsys):
         assert 0 <= float(row["accuracy"]) <= 1
         assert math.isfinite(float(row["frechet"])) and float(row["frechet"]) >= 0
         assert float(row["diversity"]) >= 0 and row["real_diversity"] == rows[0]["diversity"]
-    assert float(rows[1]["seconds"]) >= 0 and "frechet" in output and "model_ep1_eval.csv" in output
+    assert float(rows[1]["seconds"]) >= 0 and "frechet" in output and "model_ep1_eval_ddpm10_w0-2_n2.csv" in output
+
+
+def test_default_table_names_carry_the_settings_and_existing_tables_are_kept(tiny_run, capsys):
+    folder = os.path.join(tiny_run["root"], "run")
+    evaluate.main(evaluate_argv(tiny_run, "--guidance", "1", "--sampler", "dpm++2m", "--steps", "3"))
+    evaluate.main(evaluate_argv(tiny_run, "--guidance", "1", "--sampler", "dpm++2m", "--steps", "3", "--spacing",
+                                "time", "--weights", "raw", "--clip-denoised", "--seed", "4"))
+    for name in ("model_ep1_eval_dpm++2m3_w1_n2.csv", "model_ep1_eval_dpm++2m3_time_w1_n2_raw_clip_seed4.csv"):
+        assert read_rows(os.path.join(folder, name))[1]["sampler"] == "dpm++2m"
+    path = os.path.join(folder, "model_ep1_eval_dpm++2m3_w1_n2.csv")
+    before = open(path, "rb").read()
+    error = cli_error(evaluate_argv(tiny_run, "--guidance", "1", "--sampler", "dpm++2m", "--steps", "3",
+                                    "--seed", "0"), capsys)
+    assert "exists" in error and "--overwrite" in error and open(path, "rb").read() == before
+    evaluate.main(evaluate_argv(tiny_run, "--guidance", "1", "--sampler", "dpm++2m", "--steps", "3", "--overwrite"))
 
 
 def test_cli_ddim_with_a_chosen_csv_path(tiny_run, tmp_path):
@@ -235,11 +255,16 @@ def test_raw_weights_are_the_trained_ones_and_differ_from_the_ema(tiny_run, tmp_
 
 def test_cli_trains_and_saves_a_classifier(tiny_run, tmp_path):
     path = tmp_path / "mnist.pt"
-    evaluate.main(["--train-classifier", "mnist", "--image-folder", tiny_run["image_folder"], "--cache-dir", "",
-                   "--epochs", "1", "--batch", "32", "--classifier", str(path)])
+    argv = ["train-classifier", "mnist", "--image-folder", tiny_run["image_folder"], "--cache-dir", "",
+            "--epochs", "1", "--batch-size", "32", "--classifier", str(path)]
+    evaluate.main(argv)
     _, info = load_classifier(str(path), "mnist")
     assert (info["dataset"], info["in_channels"], info["image_size"]) == ("mnist", 1, 28)
     assert 0 <= info["test_accuracy"] <= 1
+    before = path.read_bytes()
+    with pytest.raises(SystemExit):
+        evaluate.main(argv)                    # an existing classifier is kept without --overwrite
+    assert path.read_bytes() == before
 
 
 # ---- bad input: one line on stderr, exit code 2 ----------------------------------------------------------------
@@ -261,9 +286,10 @@ def test_missing_and_corrupt_checkpoints(tiny_run, tmp_path, capsys):
 
 
 def test_missing_classifier_names_the_command_that_trains_it(tiny_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "CLASSIFIER_FOLDER", str(tmp_path))
-    argv = ["--checkpoint", tiny_run["checkpoint"], "--device", "cpu", "--cache-dir", ""]
-    assert "python evaluate.py --train-classifier mnist" in cli_error(argv, capsys)
+    monkeypatch.setattr(judge, "CLASSIFIER_FOLDER", str(tmp_path))
+    argv = ["metrics", "--checkpoint", tiny_run["checkpoint"], "--device", "cpu", "--cache-dir", "", "--csv",
+            str(tmp_path / "table.csv")]
+    assert "python evaluate.py train-classifier mnist" in cli_error(argv, capsys)
 
 
 def test_classifier_for_other_images_is_refused(tiny_run, tmp_path, capsys):
@@ -279,8 +305,8 @@ def test_classifier_for_other_images_is_refused(tiny_run, tmp_path, capsys):
     (["--steps", "5"], "ddim"),                           # the DDPM sampler takes all T steps
     (["--sampler", "ddim", "--steps", "99"], "steps"),
     (["--n-per-class", "1"], "--n-per-class"),
-    (["--batch", "0"], "--batch"),
-    (["--epochs", "0"], "--epochs"),
+    (["--chunk-size", "0"], "--chunk-size"),
+    (["--sampler", "dpm++2m", "--spacing", "karras"], "--spacing"),
     (["--guidance", "inf"], "--guidance"),
     (["--weights", "best"], "--weights"),
     (["--image-folder", "/nowhere/train"], "/nowhere/train"),
@@ -290,7 +316,8 @@ def test_bad_settings_give_one_line(tiny_run, capsys, extra, fragment):
 
 
 def test_real_process_exits_with_code_2(tmp_path):
-    result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "none.pth")], cwd=ROOT,
+    result = subprocess.run([sys.executable, "evaluate.py", "metrics", "--checkpoint", str(tmp_path / "none.pth")],
+                            cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith("error:")
     assert len(result.stderr.strip().splitlines()) == 1

@@ -1,5 +1,7 @@
 """experiments.py end to end on a tiny study: every run trains and is judged once, the results files appear,
 and running the study again reuses what is done."""
+from __future__ import annotations
+
 import csv
 import os
 

@@ -1,4 +1,6 @@
 """sample.py and visualize.py: mixture guidance against its formulas, both command lines end to end, bad input."""
+from __future__ import annotations
+
 import dataclasses
 import os
 import subprocess
@@ -11,9 +13,10 @@ from PIL import Image
 import sample
 import visualize
 from checkpoints import save_checkpoint
-from ddpm import DDPM
+from ddpm import DDPM, GaussianDiffusion
+from generation import generate, load_for_sampling
 from tests.conftest import StubNetwork
-from training import TrainConfig
+from train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, SIZE = 4, 8          # the tiny checkpoint: T = 4 steps, 8x8 grey images, U-Net width 8
@@ -59,8 +62,8 @@ def checkpoint(image_folder, tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("run") / "model_ep1.pth", tiny_config(image_folder))
 
 
-def stub_model(network=None):
-    return DDPM(network or StubNetwork(), n_timesteps=10, device="cpu")
+def stub_diffusion():
+    return GaussianDiffusion(n_timesteps=10)
 
 
 # ---- conditions and weights against the guidance formulas (S1 eq. 5 and composed guidance) ----------------------
@@ -74,40 +77,43 @@ def eps(network, c_vector):
     return network.expected(Y, STEP / 10, c_vector.expand(len(Y), -1))
 
 
+def guided(network, conditions, proportions):
+    """GaussianDiffusion.guided_noise of the stub network with guidance weight W."""
+    return stub_diffusion().guided_noise(network, Y, STEP, conditions, W, proportions)
+
+
 def test_class_conditions_are_one_hot_class_fastest_and_follow_equation_5():
-    conditions, weights = sample.class_conditions([3, 7], 3, 10, W)
-    assert conditions.shape == (1, 6, 10) and weights == (1 + W,)
+    conditions, proportions = sample.class_conditions([3, 7], 3, 10)
+    assert conditions.shape == (1, 6, 10) and proportions == (1.0,)
     assert conditions[0].argmax(1).tolist() == [3, 7, 3, 7, 3, 7]
     assert (conditions.sum(-1) == 1).all()
     network = StubNetwork()
-    conditions, weights = sample.class_conditions([3], 3, 10, W)
-    guided = stub_model(network).guided_noise(Y, STEP, conditions, weights)
     e3, zero = torch.eye(10)[3], torch.zeros(10)
-    torch.testing.assert_close(guided, (1 + W) * eps(network, e3) - W * eps(network, zero))   # eq. 5
+    torch.testing.assert_close(guided(network, *sample.class_conditions([3], 3, 10)),
+                               (1 + W) * eps(network, e3) - W * eps(network, zero))   # eq. 5
 
 
 def test_convex_mixture_is_one_mixed_class_vector():
     network = StubNetwork()
-    conditions, weights = sample.convex_mixture_conditions({3: 1.0, 8: 3.0}, 3, 10, W)
+    conditions, proportions = sample.convex_mixture_conditions({3: 1.0, 8: 3.0}, 3, 10)
     mixed = 0.25 * torch.eye(10)[3] + 0.75 * torch.eye(10)[8]
-    assert conditions.shape == (1, 3, 10) and weights == (1 + W,)
+    assert conditions.shape == (1, 3, 10) and proportions == (1.0,)
     torch.testing.assert_close(conditions[0], mixed.expand(3, -1))
-    guided = stub_model(network).guided_noise(Y, STEP, conditions, weights)
-    torch.testing.assert_close(guided, (1 + W) * eps(network, mixed) - W * eps(network, torch.zeros(10)))
+    torch.testing.assert_close(guided(network, conditions, proportions),
+                               (1 + W) * eps(network, mixed) - W * eps(network, torch.zeros(10)))
     assert network.calls == [6]      # one call: the mixed copy and the unconditional copy
 
 
 def test_composed_mixture_is_one_conditional_copy_per_class():
     network = StubNetwork()
-    conditions, weights = sample.composed_mixture_conditions({3: 1.0, 8: 3.0}, 3, 10, W)
+    conditions, proportions = sample.composed_mixture_conditions({3: 1.0, 8: 3.0}, 3, 10)
     assert conditions.shape == (2, 3, 10)
-    assert weights == pytest.approx(((1 + W) * 0.25, (1 + W) * 0.75))
+    assert proportions == pytest.approx((0.25, 0.75))
     assert conditions[0].argmax(1).tolist() == [3] * 3 and conditions[1].argmax(1).tolist() == [8] * 3
-    guided = stub_model(network).guided_noise(Y, STEP, conditions, weights)
     unconditional = eps(network, torch.zeros(10))
-    expected = unconditional + sum(w_i * (eps(network, torch.eye(10)[c]) - unconditional)
-                                   for w_i, c in zip(weights, (3, 8)))
-    torch.testing.assert_close(guided, expected)
+    expected = unconditional + sum((1 + W) * p * (eps(network, torch.eye(10)[c]) - unconditional)
+                                   for p, c in zip(proportions, (3, 8)))
+    torch.testing.assert_close(guided(network, conditions, proportions), expected)
     assert network.calls == [9]      # one call: two conditional copies and the unconditional one
 
 
@@ -122,17 +128,16 @@ class SquaredClassNetwork(StubNetwork):
 def test_convex_and_composed_agree_only_for_a_network_affine_in_c():
     mixture = {3: 0.5, 8: 0.5}
     for network, agree in ((StubNetwork(), True), (SquaredClassNetwork(), False)):
-        model = stub_model(network)
-        convex = model.guided_noise(Y, STEP, *sample.convex_mixture_conditions(mixture, 3, 10, W))
-        composed = model.guided_noise(Y, STEP, *sample.composed_mixture_conditions(mixture, 3, 10, W))
+        convex = guided(network, *sample.convex_mixture_conditions(mixture, 3, 10))
+        composed = guided(network, *sample.composed_mixture_conditions(mixture, 3, 10))
         assert torch.allclose(convex, composed) == agree
 
 
 def test_a_one_class_mixture_is_plain_guidance():
-    model = stub_model()
-    plain = model.guided_noise(Y, STEP, *sample.class_conditions([5], 3, 10, W))
+    network = StubNetwork()
+    plain = guided(network, *sample.class_conditions([5], 3, 10))
     for build in (sample.convex_mixture_conditions, sample.composed_mixture_conditions):
-        torch.testing.assert_close(model.guided_noise(Y, STEP, *build({5: 2.0}, 3, 10, W)), plain)
+        torch.testing.assert_close(guided(network, *build({5: 2.0}, 3, 10)), plain)
 
 
 @pytest.mark.parametrize("text, fragment", [("3:", "CLASS:WEIGHT"), ("a:0.5", "CLASS:WEIGHT"), ("3", "CLASS:WEIGHT"),
@@ -149,7 +154,7 @@ def test_malformed_mixtures_are_refused(text, fragment):
 def test_bad_mixture_weights_and_classes_are_refused(mixture, fragment):
     for build in (sample.convex_mixture_conditions, sample.composed_mixture_conditions):
         with pytest.raises(ValueError, match=fragment):
-            build(mixture, 2, 10, W)
+            build(mixture, 2, 10)
 
 
 # ---- sample.py end to end ---------------------------------------------------------------------------------------
@@ -281,10 +286,10 @@ def test_forward_strip_is_written(checkpoint, image_folder, tmp_path, capsys, so
 
 
 def test_reverse_frames_end_in_the_sample_of_the_sampling_loop(checkpoint):
-    model = DDPM.from_checkpoint(checkpoint, torch.device("cpu"))
+    model = load_for_sampling(checkpoint, torch.device("cpu"))
     frames = visualize.reverse_frames(model, 3, 2.0, [4, 2, 0], seed=5)
-    conditions, weights = sample.class_conditions([3], 1, 10, 2.0)
-    final, _ = sample.generate(model, conditions, weights, seed=5)
+    conditions, _ = sample.class_conditions([3], 1, 10)
+    final, _ = generate(model, conditions, 2.0, seed=5)
     assert frames.shape == (3, 1, SIZE, SIZE)
     torch.testing.assert_close(frames[-1], final[0])
 

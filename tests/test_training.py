@@ -1,4 +1,6 @@
 """The shared training loop end to end on tiny data the tests make: artifacts, resume, signals, bad input."""
+from __future__ import annotations
+
 import csv
 import os
 import signal
@@ -12,7 +14,7 @@ from PIL import Image
 
 import training
 from checkpoints import load_checkpoint
-from ddpm import DDPM
+from ddpm import DDPM, GaussianDiffusion
 from train_mnist import MNIST
 from training import resolve_config, train
 
@@ -185,7 +187,11 @@ def test_bad_checkpoints_are_refused_with_a_reason(image_folder, tmp_path, capsy
     training.main(MNIST, "test", tiny_argv(image_folder, out))
     good = out / "model_ep1.pth"
     before = good.read_bytes()
-    assert "--resume auto" in run_cli(tiny_argv(image_folder, out), capsys)  # refuses to mix runs
+    capsys.readouterr()
+    training.main(MNIST, "test", tiny_argv(image_folder, out))            # a new run never mixes into this one
+    assert "left as it is" in capsys.readouterr().out
+    fresh = list((tmp_path / "runs").iterdir())
+    assert len(fresh) == 1 and (fresh[0] / "model_ep1.pth").exists()
     error = run_cli(tiny_argv(image_folder, out, "--resume", str(good), "--n-features", "16", "--epochs", "2"), capsys)
     assert "n_features: checkpoint 8, now 16" in error
     corrupt = tmp_path / "corrupt.pth"
@@ -201,7 +207,8 @@ def test_non_finite_loss_stops_with_epoch_and_step(image_folder, tmp_path, monke
     out = tmp_path / "run"
     training.main(MNIST, "test", tiny_argv(image_folder, out))
     before = (out / "model_ep1.pth").read_bytes()
-    monkeypatch.setattr(DDPM, "forward", lambda self, y, c: self.nn_model(y, torch.zeros(len(y)), c).sum() * float("nan"))
+    monkeypatch.setattr(GaussianDiffusion, "training_loss",
+                        lambda self, network, y, c, *settings: network(y, torch.zeros(len(y)), c).sum() * float("nan"))
     error = run_cli(tiny_argv(image_folder, out, "--resume", "auto", "--epochs", "2"), capsys)
     assert "epoch 2, step 1" in error
     assert (out / "model_ep1.pth").read_bytes() == before
@@ -209,7 +216,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(image_folder, tmp_path, monke
 
 def test_real_examples_are_class_fastest_and_fill_missing_classes():
     from image_data import ImageSet
-    from training import real_examples
+    from run_files import real_examples
     images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 2).clone()
     image_set = ImageSet(images, torch.tensor([0, 1, 0, 2, 1, 0]), list("abcd"))
     values = ((real_examples(image_set, 2, 4)[:, 0, 0, 0] + 1) * 127.5).round().tolist()

@@ -1,0 +1,216 @@
+"""What a training run reads and writes in its output folder: where it writes, its checkpoints, and the files
+it makes after each epoch. Named with the 1-based epoch E:
+
+    image_ep{E}_w{w}.png   4 generated rows (one class per column) above 4 rows of real images
+    gif_ep{E}_w{w}.gif     the reverse process of those samples
+    model_ep{E}.pth        a resumable checkpoint (see checkpoints.py), written atomically
+    loss.csv, loss.png     mean train loss and test loss per epoch; test_loss_by_t.png, test loss against t
+
+An output folder that holds another run is never written into without --overwrite: a new run then writes to a
+fresh folder runs/<out>-<date-time>/, so the committed reference runs in log_mnist/ and log_cifar10/ stay as
+they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from ddpm import class_grid_labels
+from generation import SamplingModel, animation_states, generate
+from image_data import ImageSet, to_model_scale
+from train_config import TrainConfig
+
+CHECKPOINT_NAME = re.compile(r"^model_ep(\d+)(?:_step(\d+))?\.pth$")
+RUNS_FOLDER = "runs"          # beside --out: fresh run folders, when --out holds another run (git-ignored)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where a run writes, and which run --resume auto continues
+# ----------------------------------------------------------------------------------------------------------------
+
+def checkpoint_progress(folder: str) -> dict[str, tuple[int, int]]:
+    """File name -> (completed epochs, steps into the next epoch) for every checkpoint in ``folder``."""
+    if not os.path.isdir(folder):
+        return {}
+    matches = {name: CHECKPOINT_NAME.match(name) for name in os.listdir(folder)}
+    return {name: (int(m.group(1)), int(m.group(2) or 0)) for name, m in matches.items() if m}
+
+
+def newest_in_folder(folder: str) -> str | None:
+    """The checkpoint of ``folder`` with the most progress (epoch, then step), or None."""
+    progress = checkpoint_progress(folder)
+    return os.path.join(folder, max(progress, key=progress.get)) if progress else None
+
+
+def runs_folder(out: str) -> str:
+    """The folder of fresh run folders beside ``out``: <parent of out>/runs."""
+    return os.path.join(os.path.dirname(os.path.normpath(out)), RUNS_FOLDER)
+
+
+def run_folders(out: str) -> list[str]:
+    """``out`` and the fresh folders that new runs made beside it (runs/<out>-*)."""
+    name = os.path.basename(os.path.normpath(out))
+    return [out] + sorted(glob.glob(os.path.join(runs_folder(out), f"{name}-*")))
+
+
+def newest_run_checkpoint(out: str) -> str | None:
+    """The checkpoint --resume auto continues: of the run folders of ``out``, the one written to last."""
+    candidates = [path for path in map(newest_in_folder, run_folders(out)) if path]
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def fresh_run_folder(out: str) -> str:
+    """runs/<out>-<date>-<time> beside ``out``, a folder no run has used yet."""
+    name = f"{os.path.basename(os.path.normpath(out))}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = os.path.join(runs_folder(out), name)
+    folder, number = stem, 1
+    while os.path.exists(folder):
+        number += 1
+        folder = f"{stem}-{number}"
+    return folder
+
+
+def output_folder(config: TrainConfig) -> tuple[str, str | None]:
+    """Where a new run writes, and the line that tells the user when that is not --out.
+
+    A resumed run writes where its checkpoint is; --overwrite writes into --out whatever it holds; otherwise a
+    folder that holds another run's checkpoints is left alone and the run writes to a fresh folder.
+    """
+    existing = checkpoint_progress(config.out)
+    if config.resume or config.overwrite or not existing:
+        return config.out, None
+    folder = fresh_run_folder(config.out)
+    return folder, (f"{config.out} holds an earlier run ({', '.join(sorted(existing)[:2])}...), left as it is; this run "
+                    f"writes to {folder} (continue it with --resume auto; --overwrite writes into {config.out})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints of a run
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides the weights: progress, loss history and the random stream."""
+    epoch: int = 0          # completed epochs
+    step: int = 0           # completed steps of the next epoch (non-zero only after an interruption)
+    losses: list = field(default_factory=list)
+    partial_loss_sum: float = 0.0
+
+
+def save_run(run, name: str) -> str:
+    """Write a resumable checkpoint of ``run`` (training.Run) as ``config.out/name``, atomically, on rank 0."""
+    path = os.path.join(run.config.out, name)
+    if not run.ranks.is_main:
+        return path
+    save_checkpoint({
+        "model": run.model.nn_model.state_dict(),
+        "ema": None if run.ema is None else run.ema.module.state_dict(),
+        "ema_updates": None if run.ema is None else run.ema.updates,
+        "optimizer": run.optimizer.state_dict(),
+        "epoch": run.state.epoch,
+        "step": run.state.step,
+        "partial_loss_sum": run.state.partial_loss_sum,
+        "config": dataclasses.asdict(run.config),
+        "losses": run.state.losses,
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }, path)
+    return path
+
+
+def save_interrupted(run, epoch: int, steps_done: int, signal_name: str) -> None:
+    """The checkpoint of a run stopped by a signal after ``steps_done`` steps of epoch ``epoch + 1``."""
+    run.state.epoch, run.state.step = epoch, steps_done
+    name = f"model_ep{epoch}_step{steps_done}.pth"
+    path = save_run(run, name)
+    if run.ranks.is_main:
+        remove_interrupted_checkpoints(run.config.out, keep=name)     # older positions, once this one is safe
+        tqdm.write(f"stopped by {signal_name} after {epoch} epochs and {steps_done} steps; saved {path}. "
+                   f"Continue with the same command and --resume auto (or --resume {path}).")
+
+
+def remove_interrupted_checkpoints(folder: str, keep: str | None = None) -> None:
+    """Delete the mid-epoch checkpoints (model_ep{E}_step{S}.pth) in ``folder``, except ``keep``."""
+    for name, (_, step) in checkpoint_progress(folder).items():
+        if step and name != keep:
+            os.remove(os.path.join(folder, name))
+
+
+def restore(path: str, network: torch.nn.Module, optimizer, ema, device: torch.device) -> RunState:
+    """Load weights, optimizer, EMA and random state from a checkpoint; returns the progress it records."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    try:
+        network.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path} does not fit this model: {str(error).splitlines()[0][:300]}") from None
+    if ema is not None:
+        ema.load_state_dict({"weights": checkpoint.get("ema") or checkpoint["model"],
+                             "updates": checkpoint.get("ema_updates") or 0})
+    rng = checkpoint.get("rng") or {}
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"].cpu())
+    if rng.get("cuda") and device.type == "cuda":
+        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+    return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0), losses=list(checkpoint["losses"]),
+                    partial_loss_sum=checkpoint.get("partial_loss_sum", 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files made after each epoch
+# ----------------------------------------------------------------------------------------------------------------
+
+def real_examples(image_set: ImageSet, n_per_class: int, n_classes: int) -> torch.Tensor:
+    """The first n_per_class images of each class, ordered class-fastest like the generated grid: [n*K, C, H, W]
+    in [-1, 1]. A class with fewer images (a small --subset) repeats them, or is black when it has none."""
+    black = torch.zeros_like(image_set.images[:1])
+    per_class = []
+    for label in range(n_classes):
+        images = image_set.images[image_set.labels == label][:n_per_class]
+        if len(images) == 0:
+            images = black
+        per_class.append(images.repeat(math.ceil(n_per_class / len(images)), 1, 1, 1)[:n_per_class])
+    return to_model_scale(torch.stack(per_class, dim=1).flatten(0, 1))   # row r holds the r-th of every class
+
+
+def write_epoch_artifacts(config: TrainConfig, model: SamplingModel, real: torch.Tensor, losses: list,
+                          epoch: int) -> None:
+    """loss.csv/png every epoch; sample grids and GIFs on their schedules (and always after the last epoch)."""
+    utils.write_rows_csv(losses, os.path.join(config.out, "loss.csv"))
+    utils.plot_losses(losses, os.path.join(config.out, "loss.png"))
+    utils.plot_test_loss_by_timestep(losses, os.path.join(config.out, "test_loss_by_t.png"))
+    last = epoch == config.epochs
+    want_grid = epoch % config.sample_every == 0 or last
+    want_gif = epoch % config.gif_every == 0 or last
+    if not (want_grid or want_gif):
+        return
+    for w in config.guidance:
+        generated, frames = sample_grid(model, config, w)
+        if want_grid:
+            utils.save_sample_grid(generated, real, os.path.join(config.out, f"image_ep{epoch}_w{w}.png"))
+        if want_gif:
+            utils.save_gif(frames, os.path.join(config.out, f"gif_ep{epoch}_w{w}.gif"))
+
+
+def sample_grid(model: SamplingModel, config: TrainConfig, w: float):
+    """n_sample images per class with guidance w, from noise fixed by the seed (the same every epoch) and
+    without touching the training's random stream. Returns (images [N, C, H, W] on the CPU, frames)."""
+    labels = class_grid_labels(range(config.n_classes), config.n_sample)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return generate(model, F.one_hot(labels, config.n_classes).float(), w, sampler=config.sampler,
+                        steps=config.sample_steps, eta=config.eta, clip_denoised=config.clip_denoised,
+                        spacing=config.spacing, seed=config.seed, chunk_size=len(labels),
+                        keep=animation_states(model.diffusion, config.sampler, config.sample_steps,
+                                                 config.spacing))

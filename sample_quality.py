@@ -1,0 +1,143 @@
+"""The metric table of a checkpoint: sample every class per guidance weight, judge the images (judge.py,
+metrics.py), and compare them with the real test images. evaluate.py is its command line; experiments.py
+calls ``evaluate_checkpoint`` for every run of a study.
+
+Columns (one row for the real test images, then one per guidance weight):
+
+    accuracy        fraction of images the judge assigns to the class they were conditioned on
+    frechet         Frechet distance between the judge's penultimate features of the images and of the real
+                    test split (real row: of one part of the test split, as large as the generated set, and
+                    the rest, the noise floor of that sample size)
+    diversity       mean pairwise feature distance among images of the same class, averaged over classes
+    real_diversity  the same for the real test images
+
+Images enter the judge in the diffusion model's scale, [-1, 1] (``image_data.to_model_scale``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+from ddpm import class_grid_labels
+from generation import DEFAULT_CHUNK_SIZE, SamplingModel, generate, load_for_sampling, sampler_steps
+from image_data import DataError, load_data, to_model_scale
+from judge import Classifier, classify, judge_for
+from metrics import class_accuracy, diversity, frechet_distance, noise_floor_split
+from train_config import TrainConfig
+
+ALL_TEST_IMAGES = sys.maxsize                                   # eval_images that keeps the whole test split
+CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "spacing", "clip", "n", "accuracy", "frechet", "diversity",
+              "real_diversity", "seconds")
+TABLE_FORMATS = {"w": "g", "accuracy": ".4f", "frechet": ".4f", "diversity": ".4f", "real_diversity": ".4f",
+                 "seconds": ".1f"}
+
+
+def evaluation_data_config(saved: dict, flags: dict) -> TrainConfig:
+    """The checkpoint's data settings with the data flags given, keeping the whole test split.
+
+    --data-root without --image-folder means the built-in dataset, even when the run trained on an image folder.
+    """
+    if "data_root" in flags and "image_folder" not in flags:
+        flags = {**flags, "image_folder": None}
+    known = {key: value for key, value in saved.items() if key in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{**known, **flags, "eval_images": ALL_TEST_IMAGES, "subset": None})
+
+
+def generate_classes(model: SamplingModel, n_per_class: int, w: float, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """n_per_class images of every class with guidance w, class-fastest, ``chunk_size`` images per call.
+
+    ``sampling``: sampler, steps, eta, clip_denoised, spacing, seed of ``generation.generate``. Returns
+    (images [n_per_class * K, C, H, W] clamped to [-1, 1] on the CPU, conditioned classes long [same N]).
+    """
+    labels = class_grid_labels(range(model.n_classes), n_per_class)
+    images, _ = generate(model, F.one_hot(labels, model.n_classes).float(), w, chunk_size=chunk_size, **sampling)
+    return images.clamp(-1, 1), labels
+
+
+def real_row(features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, n_generated: int) -> dict:
+    """The table's first row: the judge on the real test images, the noise floor of the Frechet distance."""
+    part, rest = noise_floor_split(len(labels), n_generated)
+    real_diversity = diversity(features, labels)
+    return {"images": "real", "weights": "", "w": "", "sampler": "", "steps": "", "spacing": "", "clip": "",
+            "n": len(labels),
+            "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features[part], features[rest]),
+            "diversity": real_diversity, "real_diversity": real_diversity, "seconds": ""}
+
+
+def generated_row(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
+                  real_diversity: float, weights: str, w: float, sampler: str, steps: int, spacing: str,
+                  clip_denoised: bool, seconds: float) -> dict:
+    """A row for generated images [N, C, H, W] conditioned on labels [N]; ``steps`` counts the sampler's steps
+    (network calls, each on the conditional and, for w != 0, the unconditional copy)."""
+    features, predicted = classify(classifier, images)
+    return {"images": "generated", "weights": weights, "w": w, "sampler": sampler, "steps": steps,
+            "spacing": spacing if sampler == "dpm++2m" else "",
+            "clip": "yes" if clip_denoised else "no", "n": len(labels),
+            "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features, real_features),
+            "diversity": diversity(features, labels), "real_diversity": real_diversity, "seconds": round(seconds, 1)}
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as right-aligned text columns; metrics with 4 decimals, seconds with 1, w as short as it goes."""
+    def text(field, value):
+        return str(value) if value == "" or field not in TABLE_FORMATS else format(value, TABLE_FORMATS[field])
+    cells = [list(CSV_FIELDS)] + [[text(field, row[field]) for field in CSV_FIELDS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(CSV_FIELDS))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells)
+
+
+def write_table(rows: list[dict], path: str) -> None:
+    """The metric table as CSV (columns CSV_FIELDS)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    utils.write_rows_csv(rows, path, CSV_FIELDS)
+
+
+def evaluate_checkpoint(path: str, guidance: list[float], n_per_class: int, sampler: str = "ddpm",
+                        steps: int | None = None, weights: str = "ema", clip_denoised: bool = False, seed: int = 0,
+                        device: torch.device = torch.device("cpu"), flags: dict | None = None,
+                        classifier_path: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        spacing: str = "logsnr", eta: float = 0.0) -> list[dict]:
+    """The metric table of a checkpoint (``weights``: 'ema' when kept, or 'raw'): see ``evaluate_model``."""
+    return evaluate_model(load_for_sampling(path, device, weights), f"{path} ({weights} weights)", guidance,
+                          n_per_class, sampler, steps, weights, clip_denoised, seed, flags, classifier_path,
+                          chunk_size, spacing, eta)
+
+
+def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per_class: int, sampler: str = "ddpm",
+                   steps: int | None = None, weights: str = "ema", clip_denoised: bool = False, seed: int = 0,
+                   flags: dict | None = None, classifier_path: str | None = None,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, spacing: str = "logsnr", eta: float = 0.0) -> list[dict]:
+    """The metric table of a model: a row for the real test images, then one per guidance weight.
+
+    ``flags`` are data settings (TrainConfig fields) that replace the run's, e.g. another data root;
+    ``weights`` only labels the rows.
+    """
+    config = model.config
+    steps = sampler_steps(sampler, steps, model.diffusion.n_timesteps)
+    n_steps = len(model.diffusion.sampling_timesteps(sampler, steps, spacing)) - 1   # refuses bad settings early
+    classifier, classifier_path = judge_for(config, classifier_path)
+    classifier.to(model.device)
+    _, test_set = load_data(evaluation_data_config(config, flags or {}))
+    if len(test_set) < 4:
+        raise DataError(f"the test split has {len(test_set)} images; the metrics need at least 4")
+    real_features, real_predicted = classify(classifier, to_model_scale(test_set.images))
+    n_generated = n_per_class * config["n_classes"]
+    rows = [real_row(real_features, real_predicted, test_set.labels, n_generated)]
+    print(f"judging {name} with {classifier_path}: {len(test_set)} real test images, "
+          f"{n_generated} generated per weight ({sampler}, {n_steps} steps, {model.device})")
+    sampling = dict(sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised, spacing=spacing, seed=seed)
+    for w in guidance:
+        started = time.perf_counter()
+        images, labels = generate_classes(model, n_per_class, w, chunk_size, **sampling)
+        seconds = time.perf_counter() - started
+        rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], weights, w,
+                                  sampler, n_steps, spacing, clip_denoised, seconds))
+        tqdm.write(f"w={w:g}: {seconds:.1f} s")
+    return rows

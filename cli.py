@@ -104,6 +104,20 @@ def add_checkpoint_flags(flags: Flags, required: bool = True, weights: bool = Tr
                                        "(default: ema)")
 
 
+def add_judging_flags(flags: Flags, chunk_size: int) -> None:
+    """--n-per-class and --chunk-size of the tools that sample every class many times and judge the images."""
+    flags.parser.add_argument("--n-per-class", type=int, default=50, help="generated images per class (default: 50)")
+    flags.parser.add_argument("--chunk-size", type=int, default=chunk_size,
+                              help=f"images per sampling call (default: {chunk_size})")
+
+
+def data_flags(args: argparse.Namespace) -> dict:
+    """The data flags given on a tool's command line (--data-root, --image-folder, --cache-dir) as TrainConfig
+    fields; the ones not given are left out (the checkpoint's own apply)."""
+    flags = {"data_root": args.data_root, "image_folder": args.image_folder, "cache_dir": args.cache_dir}
+    return {name: value for name, value in flags.items() if value is not None}
+
+
 def add_out_flag(flags: Flags, help: str, required: bool = True, default=None) -> None:
     flags.parser.add_argument("--out", required=required, default=default, help=help)
 

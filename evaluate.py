@@ -23,8 +23,8 @@ import time
 import torch
 
 from cli import (OneLineParser, add_checkpoint_flags, add_data_flags, add_device_flag, add_guidance_flag,
-                 add_overwrite_flag, add_sampler_flags, add_seed_flag, exit_on_error, refuse_existing,
-                 resolve_device, tool_flags)
+                 add_judging_flags, add_overwrite_flag, add_sampler_flags, add_seed_flag, data_flags, exit_on_error,
+                 refuse_existing, resolve_device, tool_flags)
 from generation import DEFAULT_CHUNK_SIZE, load_for_sampling, sampler_steps
 from image_data import load_data, to_model_scale
 from judge import (ARCHITECTURES, AUGMENTATION, EPOCHS, Classifier, classify, default_classifier_path,
@@ -33,12 +33,6 @@ from metrics import class_accuracy
 from sample_quality import ALL_TEST_IMAGES, evaluate_model, format_table, write_table
 from train_config import SCRIPT_DEFAULTS
 from training import resolve_config
-
-
-def data_flags(args: argparse.Namespace) -> dict:
-    """The data flags given on the command line (--data-root, --image-folder, --cache-dir) as TrainConfig fields."""
-    flags = {"data_root": args.data_root, "image_folder": args.image_folder, "cache_dir": args.cache_dir}
-    return {name: value for name, value in flags.items() if value is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,10 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     flags = tool_flags(metrics)
     add_checkpoint_flags(flags)
     add_guidance_flag(flags, many=True, default=[0.0, 1.0, 3.0])
-    metrics.add_argument("--n-per-class", type=int, default=50, help="generated images per class (default: 50)")
+    add_judging_flags(flags, DEFAULT_CHUNK_SIZE)
     add_sampler_flags(flags)
-    metrics.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                         help=f"images per sampling call (default: {DEFAULT_CHUNK_SIZE})")
     metrics.add_argument("--csv", help="where to write the table (default: next to the checkpoint, named by the "
                                        "settings)")
     metrics.set_defaults(run=run_metrics)

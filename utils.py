@@ -113,6 +113,39 @@ def plot_test_loss_by_timestep(records: Sequence[dict], path: str) -> None:
     plt.close(figure)
 
 
+def plot_sampler_study(rows: Sequence[dict], path: str, title: str) -> None:
+    """Class accuracy and Frechet distance against network evaluations per image: one line per sampler (and
+    spacing) and guidance weight, from the rows of samplers.py's table (the 'real' row is a dashed reference)."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    generated = [row for row in rows if row["setting"] != "real"]
+    real = [row for row in rows if row["setting"] == "real"]
+    families = sorted({(row["sampler"], row["spacing"]) for row in generated})
+    weights = sorted({float(row["w"]) for row in generated})
+    colours = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    markers = dict(zip(weights, "osD^v"))
+    for (sampler, spacing) in families:
+        for w in weights:
+            points = sorted((float(row["evaluations_per_image"]), float(row["accuracy"]), float(row["frechet"]))
+                            for row in generated
+                            if (row["sampler"], row["spacing"], float(row["w"])) == (sampler, spacing, w))
+            if not points:
+                continue
+            label = f"{sampler}{' (' + spacing + ')' if spacing else ''}, w = {w:g}"
+            for axis, column in zip(axes, (1, 2)):
+                axis.plot([p[0] for p in points], [p[column] for p in points], marker=markers[w], markersize=4,
+                          color=colours[(sampler, spacing)], label=label)
+    for axis, key, name in ((axes[0], "accuracy", "class accuracy (judge)"), (axes[1], "frechet", "Frechet distance")):
+        if real:
+            axis.axhline(float(real[0][key]), color="grey", linestyle="--", linewidth=1, label="real test images")
+        axis.set(xscale="log", xlabel="network evaluations per image", ylabel=name, title=name)
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper right")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def plot_schedules(schedules: dict[str, dict[str, torch.Tensor]], path: str, title: str) -> None:
     """beta_t and alpha_bar_t of several schedules; schedules maps a name to its ``ddpm_schedule`` dict."""
     figure, (beta_axis, alpha_axis) = plt.subplots(1, 2, figsize=(10, 4))

@@ -1,0 +1,102 @@
+"""Sample quality against the number of steps: the DDPM, DDIM and DPM-Solver++(2M) samplers on one checkpoint,
+judged by evaluate.py's metrics (sheet 1 Q6: the main drawback of diffusion models is slow sampling).
+
+    python samplers.py --checkpoint log_mnist/model_ep20.pth --data-root ../shared/data --out log_mnist/samplers
+    python samplers.py --checkpoint log_cifar10/model_ep34_step1.pth \\
+        --image-folder ../shared/data/cifar10-jpeg/train --out log_cifar10/samplers
+
+Every sampler setting gets its own metric table in --out (<sampler><steps>[_<spacing>].csv, reused when the
+command runs again, so an interrupted study loses one table at most); then the study writes
+
+    samplers.csv   one row per sampler setting and guidance weight: steps, network evaluations per image,
+                   images/s, class accuracy, Frechet distance, diversity (and the real test images' row)
+    samplers.png   accuracy and Frechet distance against network evaluations per image, one line per sampler
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+
+import utils
+from cli import (OneLineParser, add_checkpoint_flags, add_data_flags, add_device_flag, add_guidance_flag,
+                 add_judging_flags, add_out_flag, add_seed_flag, data_flags, exit_on_error, resolve_device, tool_flags)
+from generation import DEFAULT_CHUNK_SIZE, load_for_sampling
+from sample_quality import evaluate_model, write_table
+
+SETTINGS = [("ddpm", None, "time"), ("ddim", 10, "time"), ("ddim", 20, "time"), ("ddim", 50, "time"),
+            ("dpm++2m", 10, "logsnr"), ("dpm++2m", 15, "logsnr"), ("dpm++2m", 20, "logsnr"), ("dpm++2m", 25, "logsnr"),
+            ("dpm++2m", 10, "time"), ("dpm++2m", 20, "time")]
+
+
+def setting_name(sampler: str, steps: int | None, spacing: str) -> str:
+    """'ddpm', 'ddim20', 'dpm++2m20' (log-SNR spacing) or 'dpm++2m20_time'."""
+    suffix = "_time" if sampler == "dpm++2m" and spacing == "time" else ""
+    return f"{sampler}{steps or ''}{suffix}"
+
+
+def table_for(model, folder: str, sampler: str, steps: int | None, spacing: str, args) -> list[dict]:
+    """The metric table of one sampler setting, read back when an earlier call wrote it."""
+    path = os.path.join(folder, setting_name(sampler, steps, spacing) + ".csv")
+    if not os.path.exists(path):
+        rows = evaluate_model(model, f"{args.checkpoint} with {setting_name(sampler, steps, spacing)}", args.guidance,
+                              args.n_per_class, sampler, steps, seed=args.seed, flags=data_flags(args),
+                              chunk_size=args.chunk_size, spacing=spacing)
+        write_table(rows, path)
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def summary_rows(tables: dict) -> list[dict]:
+    """The study's table: the real images' row once, then one row per setting and w, with the cost."""
+    rows = []
+    for name, table in tables.items():
+        for row in table:
+            if row["images"] == "real" and rows:
+                continue
+            steps = int(row["steps"]) if row["steps"] else 0
+            w = float(row["w"]) if row["w"] != "" else None
+            evaluations = steps * (1 if w == 0 else 2) if w is not None else ""
+            seconds = float(row["seconds"]) if row["seconds"] else None
+            rows.append({"setting": name if w is not None else "real", "sampler": row["sampler"], "steps": row["steps"],
+                         "spacing": row.get("spacing", ""), "w": row["w"], "evaluations_per_image": evaluations,
+                         "images_per_s": round(int(row["n"]) / seconds, 2) if seconds else "",
+                         "accuracy": row["accuracy"], "frechet": row["frechet"], "diversity": row["diversity"],
+                         "n": row["n"]})
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    model = load_for_sampling(args.checkpoint, resolve_device(args.device))
+    os.makedirs(args.out, exist_ok=True)
+    chosen = [setting for setting in SETTINGS if args.only is None or setting_name(*setting) in args.only]
+    tables = {setting_name(*setting): table_for(model, args.out, *setting, args) for setting in chosen}
+    rows = summary_rows(tables)
+    utils.write_rows_csv(rows, os.path.join(args.out, "samplers.csv"))
+    utils.plot_sampler_study(rows, os.path.join(args.out, "samplers.png"),
+                             f"{os.path.basename(args.checkpoint)}: quality against network evaluations")
+    print(f"wrote {os.path.join(args.out, 'samplers.csv')} and samplers.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    flags = tool_flags(parser)
+    add_checkpoint_flags(flags, weights=False)
+    add_guidance_flag(flags, many=True, default=[0.0, 1.0, 3.0])
+    add_judging_flags(flags, DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--only", nargs="+", metavar="SETTING",
+                        help=f"only these settings (default: all: {' '.join(setting_name(*s) for s in SETTINGS)})")
+    add_data_flags(flags)
+    add_seed_flag(flags)
+    add_device_flag(flags)
+    add_out_flag(flags, "folder for the tables and the figure")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    exit_on_error(run, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -155,10 +155,10 @@ def print_table(result: dict) -> None:
     names = list(result["train_img_s"])
     print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; training batch {result['batch_size']}, "
           f"sampling with w = {result['guidance']:g}")
-    print(f"  {'path':<24}{'train img/s':>12}" + "".join(f"{key + ' img/s':>14}" for key in result["sample_img_s"]))
+    print(f"  {'path':<24}{'train img/s':>12}" + "".join(f"{key + ' img/s':>17}" for key in result["sample_img_s"]))
     for name in names:
         row = f"  {name:<24}{result['train_img_s'][name]:>12.1f}"
-        row += "".join(f"{result['sample_img_s'][key][name]:>14.2f}" for key in result["sample_img_s"])
+        row += "".join(f"{result['sample_img_s'][key][name]:>17.2f}" for key in result["sample_img_s"])
         print(row)
     plain, fast = result["train_img_s"]["plain"], result["train_img_s"]["fast"]
     sample_plain, sample_fast = result["sample_img_s"]["ddpm400"]["plain"], result["sample_img_s"]["ddpm400"]["fast"]

@@ -1,11 +1,8 @@
 """Exponential moving average of a network's weights, with the usual warm-up, for sampling.
 
-torch.optim.swa_utils.AveragedModel with a fixed decay starts from the first step's weights and forgets them
-only as decay^n: with decay 0.999, after 750 steps the average still holds 0.999^750 = 47 % of them, and its
-samples are noise (measured on the MNIST reference run: class accuracy 9 %, where the trained weights drew
-clean digits). So the decay warms up as in TensorFlow's ExponentialMovingAverage:
-decay_n = min(decay, (1 + n) / (10 + n)) for the n-th update.
-"""
+A fixed decay (torch.optim.swa_utils.AveragedModel) forgets the first step's weights only as decay^n, too slowly
+for short runs; so the decay warms up as in TensorFlow's ExponentialMovingAverage: decay_n = min(decay,
+(1 + n) / (10 + n)) for the n-th update. README.txt ("Reference runs", EMA) has the measurement behind it."""
 from __future__ import annotations
 
 import copy

@@ -69,7 +69,11 @@ def summary_rows(tables: dict) -> list[dict]:
 def run(args: argparse.Namespace) -> None:
     model = load_for_sampling(args.checkpoint, resolve_device(args.device))
     os.makedirs(args.out, exist_ok=True)
-    chosen = [setting for setting in SETTINGS if args.only is None or setting_name(*setting) in args.only]
+    by_name = {setting_name(*setting): setting for setting in SETTINGS}
+    unknown = sorted(set(args.only or []) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(by_name)}")
+    chosen = [by_name[name] for name in args.only] if args.only else SETTINGS      # in the order asked for
     tables = {setting_name(*setting): table_for(model, args.out, *setting, args) for setting in chosen}
     rows = summary_rows(tables)
     utils.write_rows_csv(rows, os.path.join(args.out, "samplers.csv"))
@@ -85,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_guidance_flag(flags, many=True, default=[0.0, 1.0, 3.0])
     add_judging_flags(flags, DEFAULT_CHUNK_SIZE)
     parser.add_argument("--only", nargs="+", metavar="SETTING",
-                        help=f"only these settings (default: all: {' '.join(setting_name(*s) for s in SETTINGS)})")
+                        help=f"only these settings, in this order (default: all: "
+                             f"{' '.join(setting_name(*s) for s in SETTINGS)})")
     add_data_flags(flags)
     add_seed_flag(flags)
     add_device_flag(flags)

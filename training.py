@@ -180,16 +180,16 @@ def train(config: TrainConfig) -> DDPM:
     run = build_run(config, ranks, device)
     images, labels = train_set.images.to(device), train_set.labels.to(device)
     real = real_examples(train_set, config.n_sample, config.n_classes).to(device)
-    if ranks.is_main:
-        os.makedirs(config.out, exist_ok=True)
-        if notice:
-            print(notice)
-        if config.resume:
-            print(f"resumed {config.resume}: {run.state.epoch} epochs and {run.state.step} steps done")
-        print(f"training on {len(train_set)} images ({device} x {ranks.world_size}, fast path: {run.path.describe()}), "
-              f"{count_parameters(run.model.nn_model)} parameters, {config.epochs} epochs, batch {config.batch_size} "
-              f"per rank, writing to {config.out}")
-    with StopRequested() as stop:
+    with StopRequested() as stop:           # from here on a signal stops the run at a step, with a checkpoint
+        if ranks.is_main:
+            os.makedirs(config.out, exist_ok=True)
+            if notice:
+                print(notice)
+            if config.resume:
+                print(f"resumed {config.resume}: {run.state.epoch} epochs and {run.state.step} steps done")
+            print(f"training on {len(train_set)} images ({device} x {ranks.world_size}, fast path: "
+                  f"{run.path.describe()}), {count_parameters(run.model.nn_model)} parameters, {config.epochs} "
+                  f"epochs, batch {config.batch_size} per rank, writing to {config.out}", flush=True)
         for epoch in range(run.state.epoch, config.epochs):
             started = time.perf_counter()
             mean_loss, steps_done, images_seen = train_one_epoch(run, images, labels, epoch, stop)

@@ -18,8 +18,8 @@ def test_two_ranks_end_with_identical_weights_and_write_once(image_folder, tmp_p
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "run_weights" / "rank0.pt")
-    rank1 = torch.load(tmp_path / "run_weights" / "rank1.pt")
+    rank0 = torch.load(tmp_path / "run_weights" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "run_weights" / "rank1.pt", weights_only=True)
     for name, value in rank0.items():
         torch.testing.assert_close(rank1[name], value, rtol=0, atol=0, msg=name)
     names = sorted(os.listdir(out))

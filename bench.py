@@ -2,7 +2,8 @@
 
     python bench.py            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, 3 rounds
     python bench.py --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
-    python bench.py --compile  # also measure torch.compile (slow to warm up, excluded from the timing)
+    python bench.py --compile  # also torch.compile, on CUDA also CUDA graphs (warm-up excluded from the timing)
+    python bench.py --devices cuda --configs cifar10 --batch-sizes 128 256 512 --compile     # on a GPU
     python bench.py --complete # time complete sampling runs instead of scaling a few timed steps
 
 Training: full steps of the real training loop (``training.training_step``: forward, loss, backward, Adam, EMA)
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 
 from cli import OneLineParser, add_guidance_flag, tool_flags
 from ddpm import GaussianDiffusion, class_grid_labels, network_from_config
-from speed import FastInference, FastPath
+from generation import SamplingModel, generate
+from speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine
 from train_config import GEOMETRY, MNIST
 from training import Ranks, build_run, training_step
 
@@ -35,18 +37,21 @@ CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("
 SAMPLERS = (("ddpm", 400), ("ddim", 50), ("dpm++2m", 20), ("ddim", 20))
 
 
-def variants(device: torch.device, in_channels: int, full: bool,
-             compile_too: bool) -> dict[str, tuple[FastPath, bool]]:
-    """name -> (fast-path choices, compile the training network); plain first, the default fast path second."""
-    chosen = {"plain": (FastPath(), False), "fast": (FastPath.for_device(device, in_channels), False)}
+def variants(device: torch.device, in_channels: int, full: bool, compile_too: bool) -> dict[str, FastPath]:
+    """name -> fast-path choices; plain first, the default fast path second, then the single ingredients (full)
+    and torch.compile (compile_too: in default mode, and on CUDA also with CUDA graphs)."""
+    fast = FastPath.for_machine(device, in_channels)
+    chosen = {"plain": FastPath(), "fast": fast}
     if full:
-        chosen["channels_last only"] = (FastPath(train_channels_last=True, sample_channels_last=True), False)
-        chosen["fold batchnorm only"] = (FastPath(fold_batchnorm=True), False)
+        chosen["channels_last only"] = FastPath(train_channels_last=True, sample_channels_last=True)
+        chosen["fold batchnorm only"] = FastPath(fold_batchnorm=True)
+        chosen["bf16 autocast only"] = FastPath(bf16_autocast=True)
         if device.type == "cuda":
-            chosen["fused adam only"] = (FastPath(fused_adam=True), False)
-            chosen["bf16 autocast only"] = (FastPath(bf16_autocast=True), False)
+            chosen["fused adam only"] = FastPath(fused_adam=True)
     if compile_too:
-        chosen["fast + compile"] = (FastPath.for_device(device, in_channels, compile_sampler=True), True)
+        chosen["fast + compile"] = replace(fast, compile="default")
+        if device.type == "cuda":
+            chosen["fast + graphs"] = replace(fast, compile="reduce-overhead")
     return chosen
 
 
@@ -55,18 +60,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def training_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, compile_model: bool,
-                    batch_size: int, steps: int):
+def training_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, batch_size: int, steps: int):
     """A generator: the first next() builds and warms up; each further next() times ``steps`` steps -> images/s."""
-    config = replace(MNIST, dataset=dataset, n_features=n_features, batch_size=batch_size, compile=compile_model,
-                     device=device.type, flip=dataset == "cifar10", **GEOMETRY[dataset])
+    config = replace(MNIST, dataset=dataset, n_features=n_features, batch_size=batch_size, device=device.type,
+                     flip=dataset == "cifar10", **GEOMETRY[dataset])
     run = build_run(config, Ranks(), device, path)
     generator = torch.Generator().manual_seed(0)
     shape = (batch_size * 4, config.in_channels, config.image_size, config.image_size)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device)
     labels = torch.randint(0, 10, (len(images),), generator=generator).to(device)
     batches = [torch.arange(i * batch_size, (i + 1) * batch_size, device=device) for i in range(4)]
-    for step in range(2):                                  # warm-up (and compilation)
+    for step in range(3):                                  # warm-up (and compilation, graph capture)
         training_step(run, images[batches[step]], labels[batches[step]])
     synchronize(device)
     yield None
@@ -108,6 +112,26 @@ def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: F
         yield len(labels) / (time.perf_counter() - started)
 
 
+def evaluation_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, n_images: int,
+                      steps: int, guidance: float):
+    """Like ``sampling_rounds`` for ``n_images`` images sampled the way evaluate.py does (``generation.generate``,
+    ``path.sample_chunk`` images per call) with ``steps`` DDIM steps; each round yields images/s."""
+    geometry = GEOMETRY[dataset]
+    torch.manual_seed(0)
+    network = network_from_config(dict(geometry, n_features=n_features)).to(device).eval()
+    model = SamplingModel(GaussianDiffusion().to(device), FastInference(network, path),
+                          dict(geometry, n_features=n_features), path.sample_chunk)
+    conditions = F.one_hot(torch.arange(n_images) % geometry["n_classes"], geometry["n_classes"]).float()
+    generate(model, conditions[:path.sample_chunk], guidance, sampler="ddim", steps=1)          # warm-up
+    synchronize(device)
+    yield None
+    while True:
+        started = time.perf_counter()
+        generate(model, conditions, guidance, sampler="ddim", steps=steps)
+        synchronize(device)
+        yield n_images / (time.perf_counter() - started)
+
+
 def alternate(round_makers: dict, rounds: int) -> dict[str, float]:
     """Warm every variant up, then time them in alternating rounds; the median images/s of each."""
     generators = {name: make() for name, make in round_makers.items()}
@@ -129,9 +153,10 @@ def device_name(device: torch.device) -> str:
 def measure(device: torch.device, config_name: str, args) -> dict:
     dataset, n_features = CONFIGS[config_name]
     chosen = variants(device, GEOMETRY[dataset]["in_channels"], not args.quick, args.compile)
-    train = alternate({name: (lambda p=path, c=compiled: training_rounds(
-        dataset, n_features, device, p, c, args.batch_size, args.train_steps)) for name, (path, compiled) in chosen.items()},
-        args.rounds)
+    train = {}
+    for batch_size in args.batch_sizes:
+        train[batch_size] = alternate({name: (lambda p=path, b=batch_size: training_rounds(
+            dataset, n_features, device, p, b, args.train_steps)) for name, path in chosen.items()}, args.rounds)
     sample = {}
     for sampler, steps in SAMPLERS:
         timed = steps if args.complete else min(steps, args.timed_steps)
@@ -139,32 +164,44 @@ def measure(device: torch.device, config_name: str, args) -> dict:
         # scaled to the whole run, unless --complete times the whole run of this sampler itself
         rates = alternate({name: (lambda p=path: sampling_rounds(
             dataset, n_features, device, p, args.per_class, sampler if args.complete else "ddim", timed,
-            args.guidance))
-            for name, (path, _) in chosen.items()}, args.rounds)
+            args.guidance)) for name, path in chosen.items()}, args.rounds)
         sample[f"{sampler}{steps}"] = {name: rate * timed / steps for name, rate in rates.items()}
         if not args.complete:
             for other, other_steps in SAMPLERS[1:]:
                 sample[f"{other}{other_steps}"] = {name: rate * timed / other_steps for name, rate in rates.items()}
             break
+    # evaluate.py's sampling: --eval-images images at w = 1, before (250 per call) and after (the fast path's
+    # chunk size); a few DDIM steps timed and scaled to the 400 steps of the DDPM sampler
+    fast = chosen["fast"]
+    paths = {f"{PLAIN_SAMPLE_CHUNK} per call": replace(fast, sample_chunk=PLAIN_SAMPLE_CHUNK),
+             f"{fast.sample_chunk} per call": fast}
+    evaluation = alternate({name: (lambda p=path: evaluation_rounds(
+        dataset, n_features, device, p, args.eval_images, args.eval_steps, 1.0)) for name, path in paths.items()},
+        args.rounds)
     return {"device": device_name(device), "config": config_name, "n_features": n_features, "guidance": args.guidance,
-            "batch_size": args.batch_size, "fast_path": {name: path.describe() for name, (path, _) in chosen.items()},
-            "train_img_s": train, "sample_img_s": sample}
+            "fast_path": {name: path.describe() for name, path in chosen.items()},
+            "train_img_s": train, "sample_img_s": sample,
+            "evaluate_ddpm400_img_s": {name: rate * args.eval_steps / 400 for name, rate in evaluation.items()}}
 
 
 def print_table(result: dict) -> None:
-    names = list(result["train_img_s"])
-    print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; training batch {result['batch_size']}, "
-          f"sampling with w = {result['guidance']:g}")
-    print(f"  {'path':<24}{'train img/s':>12}" + "".join(f"{key + ' img/s':>17}" for key in result["sample_img_s"]))
+    names = list(result["fast_path"])
+    batch_sizes = list(result["train_img_s"])
+    print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; sampling with "
+          f"w = {result['guidance']:g}")
+    print(f"  {'path':<24}" + "".join(f"{'train@' + str(b) + ' img/s':>18}" for b in batch_sizes)
+          + "".join(f"{key + ' img/s':>17}" for key in result["sample_img_s"]))
     for name in names:
-        row = f"  {name:<24}{result['train_img_s'][name]:>12.1f}"
+        row = f"  {name:<24}" + "".join(f"{result['train_img_s'][b][name]:>18.1f}" for b in batch_sizes)
         row += "".join(f"{result['sample_img_s'][key][name]:>17.2f}" for key in result["sample_img_s"])
         print(row)
-    plain, fast = result["train_img_s"]["plain"], result["train_img_s"]["fast"]
-    sample_plain, sample_fast = result["sample_img_s"]["ddpm400"]["plain"], result["sample_img_s"]["ddpm400"]["fast"]
-    print(f"  fast/plain: training x{fast / plain:.2f}, sampling x{sample_fast / sample_plain:.2f}; "
-          f"DDIM-50 fast vs DDPM-400 plain x{result['sample_img_s']['ddim50']['fast'] / sample_plain:.1f}"
-          f"  (fast = {result['fast_path']['fast']})")
+    train, sample = result["train_img_s"][batch_sizes[0]], result["sample_img_s"]
+    print(f"  fast/plain: training x{train['fast'] / train['plain']:.2f} (batch {batch_sizes[0]}), sampling "
+          f"x{sample['ddpm400']['fast'] / sample['ddpm400']['plain']:.2f}; DDIM-50 fast vs DDPM-400 plain "
+          f"x{sample['ddim50']['fast'] / sample['ddpm400']['plain']:.1f}  (fast = {result['fast_path']['fast']})")
+    before, after = result["evaluate_ddpm400_img_s"].values()
+    print("  evaluate.py-style, DDPM-400 img/s: " + ", ".join(
+        f"{name} {rate:.2f}" for name, rate in result["evaluate_ddpm400_img_s"].items()) + f"  (x{after / before:.2f})")
 
 
 def main() -> None:
@@ -172,27 +209,36 @@ def main() -> None:
     flags = tool_flags(parser)
     parser.add_argument("--quick", action="store_true", help="plain vs fast only, MNIST and CIFAR-10 F=32, "
                         "one round, 2 training steps and 8 sampling steps timed")
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (and CUDA graphs on "
+                        "CUDA); compiling is excluded from the timing")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
-    flags.add("batch_size", type=int, default=128, help="training batch (default: 128, the scripts')")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128],
+                        help="training batches to measure (default: 128, the scripts')")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant")
     parser.add_argument("--timed-steps", type=int, default=None, help="sampling steps timed per round and scaled "
                         "to the whole run (default: 8 with --quick, else 40)")
     parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
     parser.add_argument("--per-class", type=int, default=4, help="images per class in a sampling run (default 4)")
+    parser.add_argument("--eval-images", type=int, default=250, help="images of the evaluate.py-style run at w = 1 "
+                        "(default 250)")
+    parser.add_argument("--eval-steps", type=int, default=None, help="DDIM steps timed per round of the "
+                        "evaluate.py-style run (default: 2 with --quick, else 4)")
     add_guidance_flag(flags, many=False, default=1.0)
     args = parser.parse_args()
     args.train_steps = args.train_steps or (2 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.timed_steps = args.timed_steps or (8 if args.quick else 40)
+    args.eval_steps = args.eval_steps or (2 if args.quick else 4)
     configs = args.configs or (["mnist", "cifar10"] if args.quick else list(CONFIGS))
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     results = []
     for device in devices:
+        machine = Machine.of(torch.device(device)).describe()
+        print(f"{device}: {machine}, {torch.get_num_threads()} CPU threads")
         for config_name in configs:
-            result = measure(torch.device(device), config_name, args)
+            result = dict(measure(torch.device(device), config_name, args), machine=machine)
             print_table(result)
             results.append(result)
     print(json.dumps({"torch": torch.__version__, "quick": args.quick, "results": results}))

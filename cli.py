@@ -17,6 +17,7 @@ import sys
 import torch
 
 from ddpm import default_device
+from speed import CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK
 from train_config import DEVICES, TrainConfig, field_choices, field_help, flag_fields
 
 class OneLineParser(argparse.ArgumentParser):
@@ -104,11 +105,18 @@ def add_checkpoint_flags(flags: Flags, required: bool = True, weights: bool = Tr
                                        "(default: ema)")
 
 
-def add_judging_flags(flags: Flags, chunk_size: int) -> None:
+def add_judging_flags(flags: Flags) -> None:
     """--n-per-class and --chunk-size of the tools that sample every class many times and judge the images."""
     flags.parser.add_argument("--n-per-class", type=int, default=50, help="generated images per class (default: 50)")
-    flags.parser.add_argument("--chunk-size", type=int, default=chunk_size,
-                              help=f"images per sampling call (default: {chunk_size})")
+    flags.parser.add_argument("--chunk-size", type=int, default=None,
+                              help="images per sampling call (default: the fast path's for this machine: "
+                                   f"{CPU_SAMPLE_CHUNK} on a CPU, {CUDA_SAMPLE_CHUNK} on CUDA)")
+
+
+def add_compile_flag(flags: Flags) -> None:
+    """--compile for a tool that samples: torch.compile the sampling network (CUDA graphs on CUDA)."""
+    flags.switch("compile", help="torch.compile the sampling network, on CUDA with CUDA graphs (mode "
+                                 "'reduce-overhead'); pays off for long runs, compiling takes tens of seconds")
 
 
 def data_flags(args: argparse.Namespace) -> dict:

@@ -2,7 +2,7 @@
 
     python evaluate.py metrics --checkpoint CKPT [--guidance 0 1 3] [--n-per-class 50]
                        [--sampler ddpm|ddim|dpm++2m] [--steps S] [--weights ema|raw] [--clip-denoised]
-                       [--chunk-size 250] [--csv PATH] [--overwrite]
+                       [--chunk-size N] [--csv PATH] [--overwrite]
         samples n-per-class images of every class per guidance weight, prints the metric table
         (sample_quality.py explains the columns) and writes it as CSV, by default next to the checkpoint under a
         name that carries the settings, e.g. model_ep20_eval_ddpm400_w0-1-3_n50.csv. An existing file is never
@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from cli import (OneLineParser, add_checkpoint_flags, add_data_flags, add_device_flag, add_guidance_flag,
-                 add_judging_flags, add_overwrite_flag, add_sampler_flags, add_seed_flag, data_flags, exit_on_error,
-                 refuse_existing, resolve_device, tool_flags)
-from generation import DEFAULT_CHUNK_SIZE, load_for_sampling, sampler_steps
+from cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_data_flags, add_device_flag,
+                 add_guidance_flag, add_judging_flags, add_overwrite_flag, add_sampler_flags, add_seed_flag, data_flags,
+                 exit_on_error, refuse_existing, resolve_device, tool_flags)
+from generation import load_for_sampling, sampler_steps
 from image_data import load_data, to_model_scale
 from judge import (ARCHITECTURES, AUGMENTATION, EPOCHS, Classifier, classify, default_classifier_path,
                    save_classifier, train_classifier)
@@ -61,9 +61,9 @@ def run_metrics(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--n-per-class must be at least 2 (diversity needs pairs), got {args.n_per_class}")
     if not all(math.isfinite(w) for w in args.guidance):
         raise ValueError(f"--guidance weights must be finite numbers, got {args.guidance}")
-    if args.chunk_size < 1:
+    if args.chunk_size is not None and args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be positive, got {args.chunk_size}")
-    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights)
+    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights, args.compile)
     csv_path = args.csv or default_csv_path(args, model.diffusion.n_timesteps)
     refuse_existing(csv_path, args.overwrite)
     rows = evaluate_model(model, f"{args.checkpoint} ({args.weights} weights)", args.guidance, args.n_per_class,
@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     flags = tool_flags(metrics)
     add_checkpoint_flags(flags)
     add_guidance_flag(flags, many=True, default=[0.0, 1.0, 3.0])
-    add_judging_flags(flags, DEFAULT_CHUNK_SIZE)
+    add_judging_flags(flags)
     add_sampler_flags(flags)
+    add_compile_flag(flags)
     metrics.add_argument("--csv", help="where to write the table (default: next to the checkpoint, named by the "
                                        "settings)")
     metrics.set_defaults(run=run_metrics)

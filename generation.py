@@ -10,18 +10,20 @@ import torch
 from torch import nn
 
 from ddpm import GaussianDiffusion, frame_timesteps, load_network
-from speed import FastInference, FastPath
+from speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath
 
 DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20}   # steps of the few-step samplers when none are asked for
-DEFAULT_CHUNK_SIZE = 250                      # images per sampling call (x2 with guidance)
 
 
 @dataclass
 class SamplingModel:
-    """A trained model ready to sample: its diffusion, the network to call, and the run's training config."""
+    """A trained model ready to sample: its diffusion, the network to call, the run's training config, and the
+    images per sampling call that the machine runs fastest (``FastPath.sample_chunk``; x2 network batch with
+    guidance)."""
     diffusion: GaussianDiffusion
     network: nn.Module
     config: dict
+    chunk_size: int = PLAIN_SAMPLE_CHUNK
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -41,9 +43,9 @@ def load_for_sampling(path: str, device: torch.device, weights: str = "ema",
                       compile_sampler: bool = False) -> SamplingModel:
     """A checkpoint's network ('ema' weights when kept, or 'raw') on the default fast path of ``device``."""
     network, config = load_network(path, weights)
-    path_choices = FastPath.for_device(device, config["in_channels"], compile_sampler)
+    path_choices = FastPath.for_machine(device, config["in_channels"], compile_sampler)
     return SamplingModel(GaussianDiffusion.from_config(config).to(device),
-                         FastInference(network.to(device), path_choices), config)
+                         FastInference(network.to(device), path_choices), config, path_choices.sample_chunk)
 
 
 def sampler_steps(sampler: str, steps: int | None, n_timesteps: int) -> int | None:
@@ -64,9 +66,10 @@ def animation_states(diffusion: GaussianDiffusion, sampler: str, steps: int | No
 
 def generate(model: SamplingModel, conditions: torch.Tensor, w: float, proportions: Sequence[float] = (1.0,),
              sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, clip_denoised: bool = False,
-             spacing: str = "logsnr", seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+             spacing: str = "logsnr", seed: int = 0, chunk_size: int | None = None,
              keep: Iterable[int] = ()) -> tuple[torch.Tensor, np.ndarray]:
-    """Sample one image per class vector, ``chunk_size`` images per call, from noise fixed by ``seed``.
+    """Sample one image per class vector, ``chunk_size`` images per call (default: the model's), from noise fixed
+    by ``seed``.
 
     conditions [N, n_classes] or [K, N, n_classes] (``GaussianDiffusion.guided_noise``); w, proportions,
     sampler, steps (default: ``sampler_steps``), eta, clip_denoised, spacing and keep as in
@@ -74,6 +77,7 @@ def generate(model: SamplingModel, conditions: torch.Tensor, w: float, proportio
     different conditions are directly comparable. Returns (y_0 [N, C, H, W] float on the CPU, frames numpy
     [len(keep), N, C, H, W]).
     """
+    chunk_size = model.chunk_size if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     conditions = (conditions.unsqueeze(0) if conditions.dim() == 2 else conditions).to(model.device)

@@ -211,6 +211,6 @@ def sample_grid(model: SamplingModel, config: TrainConfig, w: float):
     with torch.random.fork_rng(devices=devices):
         return generate(model, F.one_hot(labels, config.n_classes).float(), w, sampler=config.sampler,
                         steps=config.sample_steps, eta=config.eta, clip_denoised=config.clip_denoised,
-                        spacing=config.spacing, seed=config.seed, chunk_size=len(labels),
+                        spacing=config.spacing, seed=config.seed,
                         keep=animation_states(model.diffusion, config.sampler, config.sample_steps,
                                                  config.spacing))

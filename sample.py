@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import utils
-from cli import (OneLineParser, add_checkpoint_flags, add_count_flag, add_device_flag, add_guidance_flag,
-                 add_out_flag, add_sampler_flags, add_seed_flag, exit_on_error, resolve_device, tool_flags)
+from cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_count_flag, add_device_flag,
+                 add_guidance_flag, add_out_flag, add_sampler_flags, add_seed_flag, exit_on_error, resolve_device,
+                 tool_flags)
 from ddpm import class_grid_labels
 from generation import animation_states, generate, load_for_sampling
 
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     flags = tool_flags(parser)
     add_sampler_flags(flags)
+    add_compile_flag(flags)
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--classes", type=int, nargs="+", metavar="C", help="classes, one column each (default: all)")
     what.add_argument("--mix", metavar="C:W,...", help="a mixture of classes, e.g. 3:0.5,8:0.5 (weights normalised)")
@@ -196,7 +198,7 @@ def run(args: argparse.Namespace) -> None:
     if args.mix is not None:
         parse_mixture(args.mix)                         # syntax errors before the (slow) model load
     started = time.perf_counter()
-    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights)
+    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights, args.compile)
     conditions, proportions, columns, description = requested_conditions(args, model.n_classes)
     keep = animation_states(model.diffusion, args.sampler, args.sample_steps, args.spacing) if args.gif else ()
     images, frames = generate(model, conditions, args.guidance, proportions, keep=keep, **sampler_settings(args))

@@ -25,15 +25,15 @@ from tqdm import tqdm
 
 import utils
 from ddpm import class_grid_labels
-from generation import DEFAULT_CHUNK_SIZE, SamplingModel, generate, load_for_sampling, sampler_steps
+from generation import SamplingModel, generate, load_for_sampling, sampler_steps
 from image_data import DataError, load_data, to_model_scale
 from judge import Classifier, classify, judge_for
 from metrics import class_accuracy, diversity, frechet_distance, noise_floor_split
 from train_config import TrainConfig
 
 ALL_TEST_IMAGES = sys.maxsize                                   # eval_images that keeps the whole test split
-CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "spacing", "clip", "n", "accuracy", "frechet", "diversity",
-              "real_diversity", "seconds")
+CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "spacing", "clip", "chunk", "n", "accuracy", "frechet",
+              "diversity", "real_diversity", "seconds")
 TABLE_FORMATS = {"w": "g", "accuracy": ".4f", "frechet": ".4f", "diversity": ".4f", "real_diversity": ".4f",
                  "seconds": ".1f"}
 
@@ -49,9 +49,10 @@ def evaluation_data_config(saved: dict, flags: dict) -> TrainConfig:
     return TrainConfig(**{**known, **flags, "eval_images": ALL_TEST_IMAGES, "subset": None})
 
 
-def generate_classes(model: SamplingModel, n_per_class: int, w: float, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def generate_classes(model: SamplingModel, n_per_class: int, w: float, chunk_size: int | None = None,
                      **sampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """n_per_class images of every class with guidance w, class-fastest, ``chunk_size`` images per call.
+    """n_per_class images of every class with guidance w, class-fastest, ``chunk_size`` images per call (default:
+    the model's).
 
     ``sampling``: sampler, steps, eta, clip_denoised, spacing, seed of ``generation.generate``. Returns
     (images [n_per_class * K, C, H, W] clamped to [-1, 1] on the CPU, conditioned classes long [same N]).
@@ -66,20 +67,25 @@ def real_row(features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tens
     part, rest = noise_floor_split(len(labels), n_generated)
     real_diversity = diversity(features, labels)
     return {"images": "real", "weights": "", "w": "", "sampler": "", "steps": "", "spacing": "", "clip": "",
-            "n": len(labels),
+            "chunk": "", "n": len(labels),
             "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features[part], features[rest]),
             "diversity": real_diversity, "real_diversity": real_diversity, "seconds": ""}
 
 
+def sampling_settings(weights: str, w: float, sampler: str, steps: int, spacing: str, clip_denoised: bool,
+                      chunk: int) -> dict:
+    """The table's columns that say how images were sampled; ``steps`` counts the sampler's steps (network calls,
+    each on the conditional and, for w != 0, the unconditional copy), ``chunk`` the images per call."""
+    return {"weights": weights, "w": w, "sampler": sampler, "steps": steps,
+            "spacing": spacing if sampler == "dpm++2m" else "", "clip": "yes" if clip_denoised else "no",
+            "chunk": chunk}
+
+
 def generated_row(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
-                  real_diversity: float, weights: str, w: float, sampler: str, steps: int, spacing: str,
-                  clip_denoised: bool, seconds: float) -> dict:
-    """A row for generated images [N, C, H, W] conditioned on labels [N]; ``steps`` counts the sampler's steps
-    (network calls, each on the conditional and, for w != 0, the unconditional copy)."""
+                  real_diversity: float, settings: dict, seconds: float) -> dict:
+    """A row for generated images [N, C, H, W] conditioned on labels [N], sampled as ``settings`` say."""
     features, predicted = classify(classifier, images)
-    return {"images": "generated", "weights": weights, "w": w, "sampler": sampler, "steps": steps,
-            "spacing": spacing if sampler == "dpm++2m" else "",
-            "clip": "yes" if clip_denoised else "no", "n": len(labels),
+    return {"images": "generated", **settings, "n": len(labels),
             "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features, real_features),
             "diversity": diversity(features, labels), "real_diversity": real_diversity, "seconds": round(seconds, 1)}
 
@@ -102,7 +108,7 @@ def write_table(rows: list[dict], path: str) -> None:
 def evaluate_checkpoint(path: str, guidance: list[float], n_per_class: int, sampler: str = "ddpm",
                         steps: int | None = None, weights: str = "ema", clip_denoised: bool = False, seed: int = 0,
                         device: torch.device = torch.device("cpu"), flags: dict | None = None,
-                        classifier_path: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        classifier_path: str | None = None, chunk_size: int | None = None,
                         spacing: str = "logsnr", eta: float = 0.0) -> list[dict]:
     """The metric table of a checkpoint (``weights``: 'ema' when kept, or 'raw'): see ``evaluate_model``."""
     return evaluate_model(load_for_sampling(path, device, weights), f"{path} ({weights} weights)", guidance,
@@ -113,7 +119,7 @@ def evaluate_checkpoint(path: str, guidance: list[float], n_per_class: int, samp
 def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per_class: int, sampler: str = "ddpm",
                    steps: int | None = None, weights: str = "ema", clip_denoised: bool = False, seed: int = 0,
                    flags: dict | None = None, classifier_path: str | None = None,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE, spacing: str = "logsnr", eta: float = 0.0) -> list[dict]:
+                   chunk_size: int | None = None, spacing: str = "logsnr", eta: float = 0.0) -> list[dict]:
     """The metric table of a model: a row for the real test images, then one per guidance weight.
 
     ``flags`` are data settings (TrainConfig fields) that replace the run's, e.g. another data root;
@@ -133,11 +139,13 @@ def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per
     print(f"judging {name} with {classifier_path}: {len(test_set)} real test images, "
           f"{n_generated} generated per weight ({sampler}, {n_steps} steps, {model.device})")
     sampling = dict(sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised, spacing=spacing, seed=seed)
+    chunk_size = model.chunk_size if chunk_size is None else chunk_size
     for w in guidance:
         started = time.perf_counter()
         images, labels = generate_classes(model, n_per_class, w, chunk_size, **sampling)
         seconds = time.perf_counter() - started
-        rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], weights, w,
-                                  sampler, n_steps, spacing, clip_denoised, seconds))
+        settings = sampling_settings(weights, w, sampler, n_steps, spacing, clip_denoised, chunk_size)
+        rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], settings,
+                                  seconds))
         tqdm.write(f"w={w:g}: {seconds:.1f} s")
     return rows

@@ -19,9 +19,10 @@ import csv
 import os
 
 import utils
-from cli import (OneLineParser, add_checkpoint_flags, add_data_flags, add_device_flag, add_guidance_flag,
-                 add_judging_flags, add_out_flag, add_seed_flag, data_flags, exit_on_error, resolve_device, tool_flags)
-from generation import DEFAULT_CHUNK_SIZE, load_for_sampling
+from cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_data_flags, add_device_flag,
+                 add_guidance_flag, add_judging_flags, add_out_flag, add_seed_flag, data_flags, exit_on_error,
+                 resolve_device, tool_flags)
+from generation import load_for_sampling
 from sample_quality import evaluate_model, write_table
 
 SETTINGS = [("ddpm", None, "time"), ("ddim", 10, "time"), ("ddim", 20, "time"), ("ddim", 50, "time"),
@@ -67,7 +68,7 @@ def summary_rows(tables: dict) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> None:
-    model = load_for_sampling(args.checkpoint, resolve_device(args.device))
+    model = load_for_sampling(args.checkpoint, resolve_device(args.device), compile_sampler=args.compile)
     os.makedirs(args.out, exist_ok=True)
     by_name = {setting_name(*setting): setting for setting in SETTINGS}
     unknown = sorted(set(args.only or []) - set(by_name))
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     flags = tool_flags(parser)
     add_checkpoint_flags(flags, weights=False)
     add_guidance_flag(flags, many=True, default=[0.0, 1.0, 3.0])
-    add_judging_flags(flags, DEFAULT_CHUNK_SIZE)
+    add_judging_flags(flags)
+    add_compile_flag(flags)
     parser.add_argument("--only", nargs="+", metavar="SETTING",
                         help=f"only these settings, in this order (default: all: "
                              f"{' '.join(setting_name(*s) for s in SETTINGS)})")

@@ -1,26 +1,91 @@
-"""The fast path: per-device choices that bench.py measured, and the helpers that apply them.
+"""The fast path: choices per machine capability, from bench.py's measurements, and the helpers that apply them.
 
-``FastPath()`` is the straightforward path (fp32, eager, default memory format, per-tensor Adam);
-``FastPath.for_device(device)`` is the default fast path. The measurements behind each choice are in README.txt
-("Measured speed"); --no-fast turns every choice off.
+``FastPath()`` is the straightforward path (fp32, eager, default memory format, per-tensor Adam, 250 images per
+sampling call); ``FastPath.for_machine(device)`` is the default fast path of the machine the device is on. The
+measurements behind each rule are in README.txt ("Measured speed"); --no-fast turns every choice off.
+
+The choice is made by rules, not by an autotune at start: the sampling chunk size changes which random numbers
+each image gets, and a table must come out the same from the same command on any machine of the same kind. The
+rules read capabilities, not the device type alone (``Machine``): the CPU's instruction set (AVX2, AVX-512,
+native bf16 through AVX-512-BF16 or AMX), the GPU model and the torch version.
 
 - channels_last: NHWC convolutions (oneDNN on the CPU, tensor cores on CUDA).
-- bf16 autocast: CUDA only and off by default (measured slower on an H200 for these sizes).
+- bf16 autocast: on CPUs with native bf16 (AVX-512-BF16 or AMX) only. Emulated bf16 on an AVX2 CPU is slower
+  than fp32, and on the H200 these launch-bound networks ran slower with it. Weights, optimizer state, EMA and
+  the loss stay fp32; only the network's matrix products and convolutions run in bf16.
 - fused Adam: one kernel over all parameters instead of several per tensor (CUDA).
 - BatchNorm folding: in eval mode BatchNorm is a fixed affine map, which
   ``torch.nn.utils.fusion.fuse_conv_bn_eval`` merges into the preceding convolution (sampling only).
-- compile: torch.compile of the sampling network, and with the training flag --compile of the training network
-  too (opt-in: tens of seconds of compilation on the CPU).
+- sample_chunk: images per sampling call. A CPU runs the U-Net fastest when the activations of one call fit its
+  caches, a GPU when one call holds as many images as possible.
+- compile (opt-in, --compile): torch.compile of the training and the sampling network; on CUDA in
+  ``mode="reduce-overhead"``, which captures each call in a CUDA graph and replays it with one launch.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+from copy import deepcopy
+import platform
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+PLAIN_SAMPLE_CHUNK = 250     # images per sampling call of the plain path
+CPU_SAMPLE_CHUNK = 80        # best of 20/40/80/160 on the AVX2 CPU for MNIST and CIFAR-10 at w > 0 (README.txt)
+CUDA_SAMPLE_CHUNK = 500      # launch-bound: one call for all 50 images of each of 10 classes
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the fast path reads of a machine: the device type, the CPU's instruction set and whether it computes
+    bf16 natively, the GPU model ('' without one) and the torch version."""
+    device_type: str
+    cpu_capability: str
+    cpu_bf16: bool
+    gpu: str
+    torch_version: str
+
+    @classmethod
+    def of(cls, device: torch.device) -> "Machine":
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        return cls(device.type, torch.backends.cpu.get_cpu_capability(), cpu_has_native_bf16(), gpu,
+                   torch.__version__)
+
+    def describe(self) -> str:
+        cpu = f"{cpu_model()} ({self.cpu_capability}{', native bf16' if self.cpu_bf16 else ', no native bf16'})"
+        return f"{self.gpu + ' + ' if self.gpu else ''}{cpu}, torch {self.torch_version}"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX-512-BF16 or AMX tiles), as torch or /proc/cpuinfo says."""
+    for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        if getattr(torch.cpu, query, lambda: False)():
+            return True
+    return bool({"avx512_bf16", "amx_bf16"} & cpuinfo_flags())
+
+
+def cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)
@@ -30,21 +95,35 @@ class FastPath:
     bf16_autocast: bool = False
     fused_adam: bool = False
     fold_batchnorm: bool = False
-    compile_sampler: bool = False
+    sample_chunk: int = PLAIN_SAMPLE_CHUNK
+    compile: str = ""            # '' (eager), 'default' or 'reduce-overhead' (CUDA graphs): torch.compile's mode
 
     @classmethod
-    def for_device(cls, device: torch.device, in_channels: int = 3, compile_sampler: bool = False) -> "FastPath":
-        """The default fast path of a device for images of ``in_channels`` channels (README.txt, "Measured
-        speed", has the measurements behind it)."""
-        if device.type == "cuda":
+    def for_machine(cls, device: torch.device, in_channels: int = 3, compile: bool = False,
+                    machine: Machine | None = None) -> "FastPath":
+        """The default fast path on ``device`` for images of ``in_channels`` channels (README.txt, "Measured
+        speed", has the measurements behind each rule); ``compile`` adds torch.compile."""
+        machine = machine or Machine.of(device)
+        compile_mode = compile_mode_for(machine.device_type, compile)
+        if machine.device_type == "cuda":
             return cls(train_channels_last=True, sample_channels_last=True, fused_adam=True, fold_batchnorm=True,
-                       compile_sampler=compile_sampler)
+                       sample_chunk=CUDA_SAMPLE_CHUNK, compile=compile_mode)
         return cls(train_channels_last=in_channels == 3, sample_channels_last=True, fold_batchnorm=True,
-                   compile_sampler=compile_sampler)
+                   bf16_autocast=machine.cpu_bf16, sample_chunk=CPU_SAMPLE_CHUNK, compile=compile_mode)
 
     def describe(self) -> str:
-        chosen = [name for name, on in vars(self).items() if on]
-        return ", ".join(chosen) if chosen else "plain"
+        chosen = [name for name, value in vars(self).items() if value is True]
+        if self.compile:
+            chosen.append(f"compile ({self.compile})")
+        chosen.append(f"{self.sample_chunk} images per sampling call")
+        return ", ".join(chosen)
+
+
+def compile_mode_for(device_type: str, compile: bool) -> str:
+    """torch.compile's mode for --compile: with CUDA graphs on CUDA, plain kernels elsewhere; '' without."""
+    if not compile:
+        return ""
+    return "reduce-overhead" if device_type == "cuda" else "default"
 
 
 def make_optimizer(parameters, lr: float, device: torch.device, path: FastPath) -> torch.optim.Adam:
@@ -65,28 +144,58 @@ def network_to_channels_last(network: nn.Module, channels_last: bool) -> nn.Modu
 
 
 def autocast(device: torch.device, path: FastPath):
-    """bf16 autocast on CUDA when the fast path asks, else a context that does nothing."""
-    if path.bf16_autocast and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on the CPU or CUDA when the fast path asks, else a context that does nothing."""
+    if path.bf16_autocast and device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-class FastInference(nn.Module):
-    """A copy of a network for sampling, run as the fast path says: BatchNorm folded into the convolutions,
-    channels_last inputs, bf16 autocast, torch.compile. ``forward(x, t, c)`` returns fp32 noise [N, C, H, W]."""
+def compiled(network: nn.Module, path: FastPath) -> nn.Module:
+    """The network compiled in the fast path's mode, or itself when the path does not compile."""
+    return torch.compile(network, mode=path.compile) if path.compile else network
+
+
+def mark_step_begin(path: FastPath) -> None:
+    """Tell CUDA-graph trees that a new training step begins, so the last step's graph outputs may be reused."""
+    if path.compile == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+class FastTraining(nn.Module):
+    """The training network run as the fast path says: channels_last inputs and bf16 autocast (then the noise
+    comes back as fp32, so the loss is fp32). ``forward(x, t, c)`` returns the noise [N, C, H, W]."""
 
     def __init__(self, network: nn.Module, path: FastPath):
         super().__init__()
-        network = copy.deepcopy(network).eval()
-        if path.fold_batchnorm:
-            fold_batchnorm(network)
-        self.network = network_to_channels_last(network, path.sample_channels_last)
-        self.call = torch.compile(self.network) if path.compile_sampler else self.network
+        self.network = network
         self.path = path
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.path):
-            return self.call(to_channels_last(x, self.path.sample_channels_last), t, c).float()
+            return self.network(to_channels_last(x, self.path.train_channels_last), t, c).float()
+
+
+class FastInference(nn.Module):
+    """A network for sampling, run as the fast path says: BatchNorm folded into the convolutions, channels_last
+    inputs, bf16 autocast, torch.compile. ``forward(x, t, c)`` returns fp32 noise [N, C, H, W].
+
+    It works on a copy of ``network``; with ``copy=False`` on the network itself (put in eval mode), so that
+    later in-place changes of its weights, such as EMA updates, reach a network compiled once.
+    """
+
+    def __init__(self, network: nn.Module, path: FastPath, copy: bool = True):
+        super().__init__()
+        network = (deepcopy(network) if copy else network).eval()
+        if path.fold_batchnorm:
+            fold_batchnorm(network)
+        self.network = network_to_channels_last(network, path.sample_channels_last)
+        self.call = compiled(self.network, path)
+        self.path = path
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.path):
+            noise = self.call(to_channels_last(x, self.path.sample_channels_last), t, c)
+        return noise.float().clone() if self.path.compile == "reduce-overhead" else noise.float()
 
 
 def fold_batchnorm(network: nn.Module) -> nn.Module:

@@ -27,7 +27,8 @@ from generation import SamplingModel
 from image_data import ImageSet, load_data, to_model_scale
 from run_files import (RunState, newest_run_checkpoint, output_folder, real_examples, remove_interrupted_checkpoints,
                        restore, save_interrupted, save_run, write_epoch_artifacts)
-from speed import FastInference, FastPath, autocast, make_optimizer, network_to_channels_last, to_channels_last
+from speed import (FastInference, FastPath, FastTraining, compile_mode_for, compiled, make_optimizer, mark_step_begin,
+                   network_to_channels_last)
 from train_config import GEOMETRY, TrainConfig, validate
 
 MACHINE_SETTINGS = ("device", "out", "resume", "overwrite")   # never taken from a resumed run's saved config
@@ -106,6 +107,7 @@ class Run:
     path: FastPath
     ranks: Ranks
     state: RunState
+    sampling_network: Optional[FastInference] = None      # compiled once when the path compiles
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +141,8 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: Fas
     torch.manual_seed(config.seed)
     model = DDPM.from_config(dataclasses.asdict(config), device=device).train()
     if path is None:
-        path = FastPath.for_device(device, config.in_channels, config.compile) if config.fast else FastPath()
+        path = (FastPath.for_machine(device, config.in_channels, config.compile) if config.fast
+                else FastPath(compile=compile_mode_for(device.type, config.compile)))
     network_to_channels_last(model.nn_model, path.train_channels_last)
     optimizer = make_optimizer(model.nn_model.parameters(), config.lr, device, path)
     ema = EMA(model.nn_model, config.ema_decay) if config.ema_decay > 0 else None
@@ -153,8 +156,7 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: Fas
         # rank 0's running statistics before every forward pass, so they never drift apart; rank 0's are saved.
         network = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        network = torch.compile(network)
+    network = compiled(FastTraining(network, path), path)
     if device.type == "cuda" and config.fast:
         torch.backends.cudnn.benchmark = True
     return Run(config, model, network, optimizer, ema, path, ranks, state)
@@ -282,12 +284,12 @@ def train_one_epoch(run: Run, images: torch.Tensor, labels: torch.Tensor, epoch:
 def training_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One step of Algorithm 1 on a uint8 batch [B, C, H, W]: loss, backward, Adam step, EMA update."""
     config = run.config
-    y = to_channels_last(to_model_scale(images), run.path.train_channels_last)
+    mark_step_begin(run.path)
+    y = to_model_scale(images)
     if config.flip:
         y = torch.where(torch.rand(len(y), 1, 1, 1, device=y.device) < 0.5, y.flip(3), y)
     c = F.one_hot(labels, config.n_classes).float()
-    with autocast(run.device, run.path):
-        loss = run.diffusion.training_loss(run.network, y, c, config.drop_prob, config.loss)
+    loss = run.diffusion.training_loss(run.network, y, c, config.drop_prob, config.loss)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -336,9 +338,19 @@ def finish_epoch(run: Run, epoch: int, mean_loss: float, images_per_s: float, te
 
 
 def model_for_sampling(run: Run) -> SamplingModel:
-    """The network to sample and test with: the EMA weights when kept, else the trained ones, on the fast path."""
-    source = run.model.nn_model if run.ema is None else run.ema.module
-    return SamplingModel(run.diffusion, FastInference(source, run.path), dataclasses.asdict(run.config))
+    """The network to sample and test with: the EMA weights when kept, else the trained ones, on the fast path.
+
+    A compiled run compiles its sampling network once: around the EMA module itself (which only ever samples),
+    with BatchNorm left unfolded so that each epoch's EMA weights are read in place.
+    """
+    if run.path.compile and run.ema is not None:
+        if run.sampling_network is None:
+            run.sampling_network = FastInference(run.ema.module, dataclasses.replace(run.path, fold_batchnorm=False),
+                                                 copy=False)
+        network = run.sampling_network
+    else:
+        network = FastInference(run.model.nn_model if run.ema is None else run.ema.module, run.path)
+    return SamplingModel(run.diffusion, network, dataclasses.asdict(run.config), run.path.sample_chunk)
 
 
 @torch.inference_mode()

@@ -86,6 +86,10 @@ class Study:
 QUICK_GRIDS = dict(batch_size=32, guidance=[3.0], sampler="ddim", sample_steps=50, clip_denoised=True,
                    save_every=1, sample_every=1000, gif_every=1000, eval_images=200)
 
+PRECISION_RUNS = dict(save_every=1, sample_every=1000, gif_every=1000, eval_images=2000)
+PRECISION_SEEDS = {f"{precision}-seed{seed}": dict(precision=precision, seed=seed)
+                   for precision in ("fp32", "bf16") for seed in (0, 1, 2)}
+
 STUDIES = {
     # sheet 2: schedules, loss type, learning rate, T and EMA, each against the sheet-1 baseline
     "mnist": Study(
@@ -112,6 +116,14 @@ STUDIES = {
                      "schedule": ["F32", "F32-cosine"], "ema": ["F32", "F32" + RAW]},
         evaluation=Evaluation(guidance=[0.0, 3.0], n_per_class=10),
         x="seconds"),
+    # --precision: fp32 against bf16 autocast, three seeds each, with the scripts' settings otherwise; the test
+    # losses after the same steps, set against the seed-to-seed spread, show whether bf16 costs quality
+    "precision-mnist": Study(
+        dataset="mnist", base=dict(epochs=2, **PRECISION_RUNS), runs=PRECISION_SEEDS,
+        comparisons={"precision": list(PRECISION_SEEDS)}, evaluation=Evaluation(guidance=[0.0, 3.0], n_per_class=10)),
+    "precision-cifar10": Study(
+        dataset="cifar10", base=dict(epochs=2, **PRECISION_RUNS), runs=PRECISION_SEEDS,
+        comparisons={"precision": list(PRECISION_SEEDS)}, evaluation=Evaluation(guidance=[0.0, 3.0], n_per_class=10)),
 }
 
 

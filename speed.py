@@ -26,12 +26,13 @@ from __future__ import annotations
 import contextlib
 from copy import deepcopy
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+PRECISIONS = ("auto", "fp32", "bf16")
 PLAIN_SAMPLE_CHUNK = 250     # images per sampling call of the plain path
 CPU_SAMPLE_CHUNK = 80        # best of 20/40/80/160 on the AVX2 CPU for MNIST and CIFAR-10 at w > 0 (README.txt)
 CUDA_SAMPLE_CHUNK = 500      # launch-bound: one call for all 50 images of each of 10 classes
@@ -117,6 +118,16 @@ class FastPath:
             chosen.append(f"compile ({self.compile})")
         chosen.append(f"{self.sample_chunk} images per sampling call")
         return ", ".join(chosen)
+
+
+def path_for_run(device: torch.device, in_channels: int, fast: bool, compile: bool, precision: str) -> FastPath:
+    """The path of a training run: the machine's fast path (the plain one with --no-fast), with --compile, and
+    with bf16 autocast on or off as --precision says ('auto': as the path has it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    path = (FastPath.for_machine(device, in_channels, compile) if fast
+            else FastPath(compile=compile_mode_for(device.type, compile)))
+    return path if precision == "auto" else replace(path, bf16_autocast=precision == "bf16")
 
 
 def compile_mode_for(device_type: str, compile: bool) -> str:

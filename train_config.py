@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ddpm import BETA1, BETA2, LOSS_TYPES, N_TIMESTEPS, SAMPLERS, SCHEDULES, SPACINGS
+from speed import PRECISIONS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 GEOMETRY = {"mnist": dict(in_channels=1, image_size=28, n_classes=10),
@@ -72,7 +73,9 @@ class TrainConfig:
     seed: int = setting(0, "random seed")
     fast: bool = setting(True, "the measured fast path of speed.py (memory format, Adam kernel, BatchNorm "
                                "folding); --no-fast: plain fp32 eager")
-    compile: bool = setting(False, "torch.compile the U-Net for training and sampling")
+    precision: str = setting("auto", "arithmetic of the U-Net: fp32, bf16 (autocast; weights, optimizer, EMA and "
+                                     "loss stay fp32) or auto: bf16 where the CPU computes it natively", PRECISIONS)
+    compile: bool = setting(False, "torch.compile the U-Net for training and sampling (CUDA graphs on CUDA)")
     resume: Optional[str] = setting(None, "checkpoint to continue from, or 'auto' for the newest run of --out "
                                           "(a new run when there is none)")
     overwrite: bool = setting(False, "let a new run write into an --out that holds another run")

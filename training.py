@@ -27,8 +27,8 @@ from generation import SamplingModel
 from image_data import ImageSet, load_data, to_model_scale
 from run_files import (RunState, newest_run_checkpoint, output_folder, real_examples, remove_interrupted_checkpoints,
                        restore, save_interrupted, save_run, write_epoch_artifacts)
-from speed import (FastInference, FastPath, FastTraining, compile_mode_for, compiled, make_optimizer, mark_step_begin,
-                   network_to_channels_last)
+from speed import (FastInference, FastPath, FastTraining, compiled, make_optimizer, mark_step_begin,
+                   network_to_channels_last, path_for_run)
 from train_config import GEOMETRY, TrainConfig, validate
 
 MACHINE_SETTINGS = ("device", "out", "resume", "overwrite")   # never taken from a resumed run's saved config
@@ -141,8 +141,7 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: Fas
     torch.manual_seed(config.seed)
     model = DDPM.from_config(dataclasses.asdict(config), device=device).train()
     if path is None:
-        path = (FastPath.for_machine(device, config.in_channels, config.compile) if config.fast
-                else FastPath(compile=compile_mode_for(device.type, config.compile)))
+        path = path_for_run(device, config.in_channels, config.fast, config.compile, config.precision)
     network_to_channels_last(model.nn_model, path.train_channels_last)
     optimizer = make_optimizer(model.nn_model.parameters(), config.lr, device, path)
     ema = EMA(model.nn_model, config.ema_decay) if config.ema_decay > 0 else None

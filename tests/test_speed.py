@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ddpm import GaussianDiffusion, network_from_config
 from generation import SamplingModel, generate
 from speed import (CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK, PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine,
-                   cpu_has_native_bf16)
+                   cpu_has_native_bf16, path_for_run)
 from train_config import MNIST
 from training import Ranks, build_run, training_step
 
@@ -144,3 +144,24 @@ def test_compiled_and_eager_training_steps_give_the_same_loss():
             losses.append([training_step(run, images, labels).item() for _ in range(2)])
     torch._dynamo.reset()
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+def test_precision_flag_overrides_the_machines_choice():
+    cpu = torch.device("cpu")
+    assert path_for_run(cpu, 1, fast=False, compile=False, precision="bf16").bf16_autocast
+    assert not path_for_run(cpu, 1, fast=True, compile=False, precision="fp32").bf16_autocast
+    automatic = path_for_run(cpu, 1, fast=True, compile=False, precision="auto")
+    assert automatic == FastPath.for_machine(cpu, 1)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        path_for_run(cpu, 1, fast=True, compile=False, precision="fp16")
+
+
+def test_precision_studies_compare_both_precisions_over_the_same_seeds():
+    from experiments import STUDIES
+    from training import resolve_config
+    for name in ("precision-mnist", "precision-cifar10"):
+        study = STUDIES[name]
+        configs = [resolve_config(study.defaults, {**study.base, **changes}) for changes in study.runs.values()]
+        assert sorted((c.precision, c.seed) for c in configs) == sorted(
+            (p, s) for p in ("fp32", "bf16") for s in (0, 1, 2))
+        assert len({(c.epochs, c.batch_size, c.lr, c.eval_images) for c in configs}) == 1

@@ -361,7 +361,8 @@ class GaussianDiffusion(nn.Module):
         return math.inf if alpha_bar >= 1 else 0.5 * math.log(alpha_bar / (1 - alpha_bar))
 
     def dpm_solver_step(self, y_t: torch.Tensor, t: int, t_prev: int, predicted_noise: torch.Tensor,
-                        previous: tuple[torch.Tensor, float] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, float]]:
+                        previous: tuple[torch.Tensor, float] | None,
+                        eta: float = 0.0) -> tuple[torch.Tensor, tuple[torch.Tensor, float]]:
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a multistep second-order step on the data prediction.
 
         With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma), h = lambda_prev -
@@ -369,8 +370,12 @@ class GaussianDiffusion(nn.Module):
             y_prev = (sigma_prev / sigma_t) y_t - alpha_prev (exp(-h) - 1) D,
             D = x0_t (first order: the first step, and the last step to t = 0, where it returns x0_t), else
             D = (1 + 1 / (2r)) x0_t - 1 / (2r) x0_last, r = h_last / h  (h_last: the previous step's h).
+        ``eta`` > 0 turns the ODE step into the SDE step of SDE-DPM-Solver++(2M) (Lu et al. 2022, appendix; eta = 1
+        is diffusers' 'sde-dpmsolver++'), which adds fresh noise like the ancestral sampler; with g = eta h:
+            y_prev = (sigma_prev / sigma_t) exp(-g) y_t + alpha_prev (1 - exp(-h - g)) D
+                     + sigma_prev sqrt(1 - exp(-2 g)) z,   z ~ N(0, I).
         ``previous`` is (x0_last, lambda_last) of the previous step, or None. Returns (y_prev, (x0_t, lambda_t)).
-        The first-order step is the DDIM step with eta = 0.
+        The first-order step with eta = 0 is the DDIM step with eta = 0.
         """
         predicted_y0 = self.predict_start_from_noise(y_t, t, predicted_noise)
         lambda_t, lambda_prev = self.log_snr(t), self.log_snr(t_prev)
@@ -382,8 +387,12 @@ class GaussianDiffusion(nn.Module):
             last_y0, lambda_last = previous
             half_over_r = 0.5 * h / (lambda_t - lambda_last)
             data = (1 + half_over_r) * predicted_y0 - half_over_r * last_y0
-        sigma_ratio = self.sqrt_one_minus_alpha_bar_t[t_prev] / self.sqrt_one_minus_alpha_bar_t[t]
-        y_prev = sigma_ratio * y_t - self.sqrt_alpha_bar_t[t_prev] * math.expm1(-h) * data
+        sigma_prev = self.sqrt_one_minus_alpha_bar_t[t_prev]
+        g = eta * h
+        y_prev = (sigma_prev / self.sqrt_one_minus_alpha_bar_t[t] * math.exp(-g) * y_t
+                  - self.sqrt_alpha_bar_t[t_prev] * math.expm1(-h - g) * data)
+        if eta > 0:
+            y_prev = y_prev + sigma_prev * math.sqrt(-math.expm1(-2 * g)) * torch.randn_like(y_t)
         return y_prev, (predicted_y0, lambda_t)
 
     def sampling_timesteps(self, sampler: str, steps: int | None = None, spacing: str = "logsnr") -> list[int]:
@@ -427,7 +436,8 @@ class GaussianDiffusion(nn.Module):
             w: guidance weight of eq. 5; proportions: K mixture proportions (``composed_guidance``).
             size: (C, H, W) of one image.
             sampler: 'ddpm' (the sheet's ancestral sampler, all T steps), 'ddim' or 'dpm++2m' (``steps`` steps).
-            eta: DDIM stochasticity, 0 = deterministic.
+            eta: stochasticity of ddim and dpm++2m, 0 = deterministic (ODE); 1 = DDIM's ancestral variance, or
+                SDE-DPM-Solver++(2M).
             clip_denoised: clip the predicted y_0 to [-1, 1] at every step (``noise_for_clipped_start``); off,
                 the DDPM sampler is Algorithm 2 exactly. Needed by the cosine schedule.
             spacing: dpm++2m's timesteps, 'logsnr' or 'time' (``sampling_timesteps``).
@@ -454,7 +464,7 @@ class GaussianDiffusion(nn.Module):
             elif sampler == "ddim":
                 y = self.ddim_step(y, t, t_prev, noise, eta)
             else:
-                y, previous = self.dpm_solver_step(y, t, t_prev, noise, previous)
+                y, previous = self.dpm_solver_step(y, t, t_prev, noise, previous, eta)
             if t_prev in keep:
                 frames.append(y.float().cpu().numpy())
         # END SOLUTION

@@ -40,13 +40,13 @@ from training import resolve_config
 # ----------------------------------------------------------------------------------------------------------------
 
 def default_csv_path(args: argparse.Namespace, n_timesteps: int) -> str:
-    """<checkpoint stem>_eval_<sampler><steps>[_<spacing>]_w<w1-w2-...>_n<per class>[_raw][_clip][_seed<s>].csv"""
+    """<checkpoint stem>_eval_<sampler><steps>[_<spacing>][_eta<eta>]_w<w1-w2-...>_n<per class>[_raw][_clip][_seed<s>].csv"""
     stem, _ = os.path.splitext(args.checkpoint)
     steps = sampler_steps(args.sampler, args.sample_steps, n_timesteps) or n_timesteps
     parts = [f"{args.sampler}{steps}"]
     if args.sampler == "dpm++2m" and args.spacing != "logsnr":
         parts.append(args.spacing)
-    if args.sampler == "ddim" and args.eta:
+    if args.sampler != "ddpm" and args.eta:
         parts.append(f"eta{args.eta:g}")
     parts += ["w" + "-".join(f"{w:g}" for w in args.guidance), f"n{args.n_per_class}"]
     parts += [name for name, on in (("raw", args.weights == "raw"), ("clip", args.clip_denoised)) if on]

@@ -32,9 +32,9 @@ from metrics import class_accuracy, diversity, frechet_distance, noise_floor_spl
 from train_config import TrainConfig
 
 ALL_TEST_IMAGES = sys.maxsize                                   # eval_images that keeps the whole test split
-CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "spacing", "clip", "chunk", "n", "accuracy", "frechet",
-              "diversity", "real_diversity", "seconds")
-TABLE_FORMATS = {"w": "g", "accuracy": ".4f", "frechet": ".4f", "diversity": ".4f", "real_diversity": ".4f",
+CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "spacing", "eta", "clip", "chunk", "n", "accuracy",
+              "frechet", "diversity", "real_diversity", "seconds")
+TABLE_FORMATS = {"w": "g", "eta": "g", "accuracy": ".4f", "frechet": ".4f", "diversity": ".4f", "real_diversity": ".4f",
                  "seconds": ".1f"}
 
 
@@ -66,19 +66,19 @@ def real_row(features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tens
     """The table's first row: the judge on the real test images, the noise floor of the Frechet distance."""
     part, rest = noise_floor_split(len(labels), n_generated)
     real_diversity = diversity(features, labels)
-    return {"images": "real", "weights": "", "w": "", "sampler": "", "steps": "", "spacing": "", "clip": "",
+    return {"images": "real", "weights": "", "w": "", "sampler": "", "steps": "", "spacing": "", "eta": "", "clip": "",
             "chunk": "", "n": len(labels),
             "accuracy": class_accuracy(predicted, labels), "frechet": frechet_distance(features[part], features[rest]),
             "diversity": real_diversity, "real_diversity": real_diversity, "seconds": ""}
 
 
-def sampling_settings(weights: str, w: float, sampler: str, steps: int, spacing: str, clip_denoised: bool,
-                      chunk: int) -> dict:
+def sampling_settings(weights: str, w: float, sampler: str, steps: int, spacing: str, eta: float,
+                      clip_denoised: bool, chunk: int) -> dict:
     """The table's columns that say how images were sampled; ``steps`` counts the sampler's steps (network calls,
     each on the conditional and, for w != 0, the unconditional copy), ``chunk`` the images per call."""
     return {"weights": weights, "w": w, "sampler": sampler, "steps": steps,
-            "spacing": spacing if sampler == "dpm++2m" else "", "clip": "yes" if clip_denoised else "no",
-            "chunk": chunk}
+            "spacing": spacing if sampler == "dpm++2m" else "", "eta": eta if sampler != "ddpm" else "",
+            "clip": "yes" if clip_denoised else "no", "chunk": chunk}
 
 
 def generated_row(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
@@ -144,7 +144,7 @@ def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per
         started = time.perf_counter()
         images, labels = generate_classes(model, n_per_class, w, chunk_size, **sampling)
         seconds = time.perf_counter() - started
-        settings = sampling_settings(weights, w, sampler, n_steps, spacing, clip_denoised, chunk_size)
+        settings = sampling_settings(weights, w, sampler, n_steps, spacing, eta, clip_denoised, chunk_size)
         rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], settings,
                                   seconds))
         tqdm.write(f"w={w:g}: {seconds:.1f} s")

@@ -25,24 +25,28 @@ from cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_data
 from generation import load_for_sampling
 from sample_quality import evaluate_model, write_table
 
-SETTINGS = [("ddpm", None, "time"), ("ddim", 10, "time"), ("ddim", 20, "time"), ("ddim", 50, "time"),
-            ("dpm++2m", 10, "logsnr"), ("dpm++2m", 15, "logsnr"), ("dpm++2m", 20, "logsnr"), ("dpm++2m", 25, "logsnr"),
-            ("dpm++2m", 10, "time"), ("dpm++2m", 20, "time")]
+# (sampler, steps, spacing, eta); eta = 1 makes dpm++2m the SDE solver (SDE-DPM-Solver++(2M))
+SETTINGS = [("ddpm", None, "time", 0.0), ("ddim", 10, "time", 0.0), ("ddim", 20, "time", 0.0),
+            ("ddim", 50, "time", 0.0), ("dpm++2m", 10, "logsnr", 0.0), ("dpm++2m", 15, "logsnr", 0.0),
+            ("dpm++2m", 20, "logsnr", 0.0), ("dpm++2m", 25, "logsnr", 0.0), ("dpm++2m", 10, "time", 0.0),
+            ("dpm++2m", 20, "time", 0.0), ("dpm++2m", 20, "logsnr", 1.0), ("dpm++2m", 50, "logsnr", 1.0)]
 
 
-def setting_name(sampler: str, steps: int | None, spacing: str) -> str:
-    """'ddpm', 'ddim20', 'dpm++2m20' (log-SNR spacing) or 'dpm++2m20_time'."""
+def setting_name(sampler: str, steps: int | None, spacing: str, eta: float = 0.0) -> str:
+    """'ddpm', 'ddim20', 'dpm++2m20' (log-SNR spacing), 'dpm++2m20_time' or 'dpm++2m20_sde' (eta = 1)."""
     suffix = "_time" if sampler == "dpm++2m" and spacing == "time" else ""
+    suffix += "_sde" if eta == 1 else f"_eta{eta:g}" if eta else ""
     return f"{sampler}{steps or ''}{suffix}"
 
 
-def table_for(model, folder: str, sampler: str, steps: int | None, spacing: str, args) -> list[dict]:
+def table_for(model, folder: str, sampler: str, steps: int | None, spacing: str, eta: float, args) -> list[dict]:
     """The metric table of one sampler setting, read back when an earlier call wrote it."""
-    path = os.path.join(folder, setting_name(sampler, steps, spacing) + ".csv")
+    name = setting_name(sampler, steps, spacing, eta)
+    path = os.path.join(folder, name + ".csv")
     if not os.path.exists(path):
-        rows = evaluate_model(model, f"{args.checkpoint} with {setting_name(sampler, steps, spacing)}", args.guidance,
-                              args.n_per_class, sampler, steps, seed=args.seed, flags=data_flags(args),
-                              chunk_size=args.chunk_size, spacing=spacing)
+        rows = evaluate_model(model, f"{args.checkpoint} with {name}", args.guidance, args.n_per_class, sampler,
+                              steps, seed=args.seed, flags=data_flags(args), chunk_size=args.chunk_size,
+                              spacing=spacing, eta=eta)
         write_table(rows, path)
     with open(path, newline="") as file:
         return list(csv.DictReader(file))
@@ -60,7 +64,8 @@ def summary_rows(tables: dict) -> list[dict]:
             evaluations = steps * (1 if w == 0 else 2) if w is not None else ""
             seconds = float(row["seconds"]) if row["seconds"] else None
             rows.append({"setting": name if w is not None else "real", "sampler": row["sampler"], "steps": row["steps"],
-                         "spacing": row.get("spacing", ""), "w": row["w"], "evaluations_per_image": evaluations,
+                         "spacing": row.get("spacing", ""), "eta": row.get("eta", ""), "w": row["w"],
+                         "evaluations_per_image": evaluations,
                          "images_per_s": round(int(row["n"]) / seconds, 2) if seconds else "",
                          "accuracy": row["accuracy"], "frechet": row["frechet"], "diversity": row["diversity"],
                          "n": row["n"]})

@@ -58,7 +58,8 @@ class TrainConfig:
     sampler: str = setting("ddpm", "sampler: the sheet's ddpm (all T steps), ddim, or dpm++2m "
                                    "(DPM-Solver++, second-order multistep)", SAMPLERS)
     sample_steps: Optional[int] = setting(None, "steps of ddim/dpm++2m (default: ddim 50, dpm++2m 20)")
-    eta: float = setting(0.0, "DDIM stochasticity, 0 = deterministic")
+    eta: float = setting(0.0, "stochasticity of ddim and dpm++2m: 0 = deterministic, 1 = DDIM's ancestral "
+                              "variance or SDE-DPM-Solver++(2M)")
     spacing: str = setting("logsnr", "timesteps of dpm++2m: evenly in log-SNR or in t", SPACINGS)
     clip_denoised: bool = setting(False, "clip the predicted y_0 to [-1, 1] at every sampling step (needed by "
                                          "the cosine schedule)")

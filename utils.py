@@ -114,26 +114,30 @@ def plot_test_loss_by_timestep(records: Sequence[dict], path: str) -> None:
 
 
 def plot_sampler_study(rows: Sequence[dict], path: str, title: str) -> None:
-    """Class accuracy and Frechet distance against network evaluations per image: one line per sampler (and
-    spacing) and guidance weight, from the rows of samplers.py's table (the 'real' row is a dashed reference)."""
+    """Class accuracy and Frechet distance against network evaluations per image: one line per sampler (with its
+    spacing and eta) and guidance weight, from the rows of samplers.py's table (the 'real' row is a dashed reference)."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     generated = [row for row in rows if row["setting"] != "real"]
     real = [row for row in rows if row["setting"] == "real"]
-    families = sorted({(row["sampler"], row["spacing"]) for row in generated})
+    def family(row: dict) -> tuple[str, str, float]:
+        return row["sampler"], row["spacing"], float(row.get("eta") or 0)
+
+    families = sorted({family(row) for row in generated})
     weights = sorted({float(row["w"]) for row in generated})
     colours = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     markers = dict(zip(weights, "osD^v"))
-    for (sampler, spacing) in families:
+    for sampler, spacing, eta in families:
         for w in weights:
             points = sorted((float(row["evaluations_per_image"]), float(row["accuracy"]), float(row["frechet"]))
-                            for row in generated
-                            if (row["sampler"], row["spacing"], float(row["w"])) == (sampler, spacing, w))
+                            for row in generated if family(row) == (sampler, spacing, eta) and float(row["w"]) == w)
             if not points:
                 continue
-            label = f"{sampler}{' (' + spacing + ')' if spacing else ''}, w = {w:g}"
+            details = [spacing] if spacing else []
+            details += [f"eta {eta:g}"] if eta else []
+            label = f"{sampler}{' (' + ', '.join(details) + ')' if details else ''}, w = {w:g}"
             for axis, column in zip(axes, (1, 2)):
                 axis.plot([p[0] for p in points], [p[column] for p in points], marker=markers[w], markersize=4,
-                          color=colours[(sampler, spacing)], label=label)
+                          color=colours[(sampler, spacing, eta)], label=label)
     for axis, key, name in ((axes[0], "accuracy", "class accuracy (judge)"), (axes[1], "frechet", "Frechet distance")):
         if real:
             axis.axhline(float(real[0][key]), color="grey", linestyle="--", linewidth=1, label="real test images")

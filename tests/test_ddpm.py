@@ -495,6 +495,40 @@ def test_dpm_solver_second_step_uses_the_previous_data_prediction():
     torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_sde_dpm_solver_step_adds_fresh_noise_to_a_contracted_ode_step():
+    diffusion = make(timesteps=100).diffusion
+    y, eps, last_y0 = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    t_last, t, t_prev, eta = 90, 60, 30, 1.0
+    previous = (last_y0, diffusion.log_snr(t_last))
+    torch.manual_seed(5)
+    result, _ = diffusion.dpm_solver_step(y, t, t_prev, eps, previous, eta)
+    torch.manual_seed(5)
+    z = torch.randn_like(y)
+    lam = {s: diffusion.log_snr(s) for s in (t_last, t, t_prev)}
+    h, r = lam[t_prev] - lam[t], (lam[t] - lam[t_last]) / (lam[t_prev] - lam[t])
+    y0 = diffusion.predict_start_from_noise(y, t, eps).double()
+    data = (1 + 1 / (2 * r)) * y0 - 1 / (2 * r) * last_y0.double()
+    sigma = lambda s: (1 - diffusion.alpha_bar_t[s].double()).sqrt()  # noqa: E731
+    alpha = lambda s: diffusion.alpha_bar_t[s].double().sqrt()        # noqa: E731
+    expected = (sigma(t_prev) / sigma(t) * math.exp(-h) * y.double() + alpha(t_prev) * (1 - math.exp(-2 * h)) * data
+                + sigma(t_prev) * math.sqrt(1 - math.exp(-2 * h)) * z.double())
+    torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=1e-5)
+    deterministic, _ = diffusion.dpm_solver_step(y, t, t_prev, eps, previous, eta=0.0)
+    ode, _ = diffusion.dpm_solver_step(y, t, t_prev, eps, previous)
+    torch.testing.assert_close(deterministic, ode)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpm_solver_samples_the_data_distribution_with_an_ideal_noise_predictor(eta):
+    """With the exact eps of y_0 ~ N(0.3, 0.5^2), 20 steps of the ODE and of the SDE solver draw from it."""
+    diffusion = GaussianDiffusion(1e-4, 0.02, 400)
+    torch.manual_seed(6)
+    samples = diffusion.sample(GaussianDataNoise(diffusion), torch.zeros(20000, 10), 0.0, (1, 1, 1),
+                               sampler="dpm++2m", steps=20, eta=eta)[0].double()
+    assert samples.mean().item() == pytest.approx(0.3, abs=0.02)
+    assert samples.std().item() == pytest.approx(0.5, abs=0.02)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "sigmoid"])
 def test_log_snr_timesteps_descend_from_T_to_zero_without_repeats(schedule):
     diffusion = GaussianDiffusion(1e-4, 0.02, 400, schedule)

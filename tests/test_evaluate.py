@@ -321,3 +321,29 @@ def test_real_process_exits_with_code_2(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith("error:")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sampler_study_writes_a_table_per_setting_the_summary_and_the_figure(tiny_run, tmp_path, monkeypatch):
+    import samplers
+    out = str(tmp_path / "study")
+    argv = ["--checkpoint", tiny_run["checkpoint"], "--n-per-class", "2", "--device", "cpu", "--cache-dir", "",
+            "--guidance", "0", "1", "--out", out, "--only", "ddim10", "dpm++2m10", "dpm++2m10_time"]
+    samplers.main(argv)
+    rows = read_rows(os.path.join(out, "samplers.csv"))
+    assert [(row["setting"], row["w"]) for row in rows] == [("real", "")] + [
+        (name, w) for name in ("ddim10", "dpm++2m10", "dpm++2m10_time") for w in ("0.0", "1.0")]
+    assert [row["evaluations_per_image"] for row in rows[1:3]] == ["10", "20"]     # w != 0 doubles the batch
+    assert [row["spacing"] for row in rows[3:]] == ["logsnr", "logsnr", "time", "time"]
+    assert os.path.getsize(os.path.join(out, "samplers.png")) > 0
+    monkeypatch.setattr(samplers, "evaluate_model", lambda *a, **k: pytest.fail("a finished table was redone"))
+    samplers.main(argv)                                                        # every table is read back
+    with pytest.raises(SystemExit):
+        samplers.main(argv[:-3] + ["ddim7"])
+
+
+def test_sampler_setting_names_carry_spacing_and_stochasticity():
+    import samplers
+    assert samplers.setting_name("ddpm", None, "time") == "ddpm"
+    assert samplers.setting_name("dpm++2m", 20, "time") == "dpm++2m20_time"
+    assert samplers.setting_name("dpm++2m", 20, "logsnr", 1.0) == "dpm++2m20_sde"
+    assert samplers.setting_name("ddim", 50, "time", 0.5) == "ddim50_eta0.5"

@@ -291,12 +291,25 @@ class GaussianDiffusion(nn.Module):
         if w != 0:
             classes = torch.cat((classes, torch.zeros(n, classes.shape[-1], device=classes.device)))
         copies = classes.shape[0] // n
-        batch = y_t.repeat(copies, 1, 1, 1)
-        noise = network(batch, self.network_time(t, len(batch), y_t.device), classes).float()
+        noise = self.noise_of_copies(network, y_t, t, classes).float()
         noise = noise.view(copies, *y_t.shape)
         unconditional = noise[n_conditions] if w != 0 else 0.0
         # END SOLUTION
         return composed_guidance(noise[:n_conditions], unconditional, w, proportions)
+
+    def noise_of_copies(self, network: nn.Module, y_t: torch.Tensor, t: int, classes: torch.Tensor) -> torch.Tensor:
+        """eps_theta(y_t, t, c) of y_t [N, C, H, W] under each of classes [copies * N, n_classes] (row k * N + i is
+        the k-th class vector of image i) in one network call; returns [copies * N, C, H, W].
+
+        The batch is y_t repeated once per copy, unless the network offers ``noise_of_copies(y_t, time, classes,
+        copies)`` (the fast path's ``speed.FastInference``: the U-Net's encoder, which sees neither t nor c, then
+        runs once for all copies).
+        """
+        copies = classes.shape[0] // y_t.shape[0]
+        time = self.network_time(t, classes.shape[0], y_t.device)
+        if hasattr(network, "noise_of_copies"):
+            return network.noise_of_copies(y_t, time, classes, copies)
+        return network(y_t.repeat(copies, 1, 1, 1), time, classes)
 
     def p_sample(self, network: nn.Module, y_t: torch.Tensor, t: int, c: torch.Tensor, w: float) -> torch.Tensor:
         """One reverse step t -> t - 1 (Algorithm 2, lines 3-5; S1 eq. 4 with the guided noise of eq. 5).

@@ -16,6 +16,8 @@ native bf16 through AVX-512-BF16 or AMX), the GPU model and the torch version.
 - fused Adam: one kernel over all parameters instead of several per tensor (CUDA).
 - BatchNorm folding: in eval mode BatchNorm is a fixed affine map, which
   ``torch.nn.utils.fusion.fuse_conv_bn_eval`` merges into the preceding convolution (sampling only).
+- shared encoder: with guidance, the U-Net's class-blind first half runs once for the conditional and the
+  unconditional copy of each image (``SharedEncoder``; sampling only, on every device).
 - sample_chunk: images per sampling call. A CPU runs the U-Net fastest when the activations of one call fit its
   caches, a GPU when one call holds as many images as possible.
 - compile (opt-in, --compile): torch.compile of the training and the sampling network; on CUDA in
@@ -202,11 +204,80 @@ class FastInference(nn.Module):
         self.network = network_to_channels_last(network, path.sample_channels_last)
         self.call = compiled(self.network, path)
         self.path = path
+        self.copies = SharedEncoder(self.network) if SharedEncoder.matches(self.network) else None
+        self.call_copies = compiled(self.copies, path) if self.copies is not None else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.path):
             noise = self.call(to_channels_last(x, self.path.sample_channels_last), t, c)
+        return self.detached(noise)
+
+    def noise_of_copies(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, copies: int) -> torch.Tensor:
+        """The noise of ``x.repeat(copies, 1, 1, 1)`` under c [copies * N, n_classes], with the U-Net's class-blind
+        encoder run once on x [N, C, H, W] (``SharedEncoder``); [copies * N, C, H, W] fp32."""
+        if self.call_copies is None or copies == 1:
+            return self(x.repeat(copies, 1, 1, 1), t, c)
+        with autocast(x.device, self.path):
+            noise = self.call_copies(to_channels_last(x, self.path.sample_channels_last), t, c, copies)
+        return self.detached(noise)
+
+    def detached(self, noise: torch.Tensor) -> torch.Tensor:
+        """fp32, and a copy of a CUDA graph's output, which its next replay overwrites."""
         return noise.float().clone() if self.path.compile == "reduce-overhead" else noise.float()
+
+
+class SharedEncoder(nn.Module):
+    """The U-Net of networks/Conditional_UNet.py on ``copies`` copies of each image, one per class vector.
+
+    Its first half (init_conv, encoder1, encoder2, to_hidden, decoder0) sees neither t nor c, so with guidance,
+    where the conditional and unconditional copies share y_t, it runs once on the N images and only the rest runs
+    on all copies * N: 1.2x-1.3x less work per guided step. ``forward(x [N, C, H, W], t [copies * N, 1, 1, 1],
+    c [copies * N, n_classes], copies)`` returns the noise [copies * N, C, H, W], the same numbers as
+    ``unet(x.repeat(copies, 1, 1, 1), t, c)``; ``matches`` checks that on the network before it is used.
+    """
+
+    LAYERS = ("init_conv", "encoder1", "encoder2", "to_hidden", "decoder0", "decoder1", "decoder2", "final",
+              "time_embedding1", "time_embedding2", "class_embedding1", "class_embedding2")
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, copies: int) -> torch.Tensor:
+        unet, n, features = self.unet, c.shape[0], self.unet.n_features
+        init = unet.init_conv(x)
+        down1 = unet.encoder1(init)
+        down2 = unet.encoder2(down1)
+        up1 = unet.decoder0(unet.to_hidden(down2))
+
+        def repeat(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.repeat(copies, 1, 1, 1)
+
+        time_emb1 = unet.time_embedding1(t).view(n, 2 * features, 1, 1)
+        time_emb2 = unet.time_embedding2(t).view(n, features, 1, 1)
+        class_emb1 = unet.class_embedding1(c).view(n, 2 * features, 1, 1)
+        class_emb2 = unet.class_embedding2(c).view(n, features, 1, 1)
+        up2 = unet.decoder1(class_emb1 * repeat(up1) + time_emb1, repeat(down2))
+        up3 = unet.decoder2(class_emb2 * up2 + time_emb2, repeat(down1))
+        return unet.final(torch.cat((up3, repeat(init)), dim=1))
+
+    @classmethod
+    @torch.no_grad()
+    def matches(cls, network: nn.Module) -> bool:
+        """Whether ``network`` (in eval mode) has the U-Net's layers and computes the same noise through them."""
+        if not all(hasattr(network, name) for name in cls.LAYERS + ("n_features", "in_channels", "height",
+                                                                    "n_classes")):
+            return False
+        device = next(network.parameters()).device
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, network.in_channels, network.height, network.height, generator=generator).to(device)
+        t = torch.rand(4, 1, 1, 1, generator=generator).to(device)
+        c = torch.rand(4, network.n_classes, generator=generator).to(device)
+        try:
+            shared = cls(network)(x, t, c, 2)
+        except (RuntimeError, ValueError, TypeError, AttributeError):
+            return False
+        return torch.allclose(shared, network(x.repeat(2, 1, 1, 1), t, c), atol=1e-5, rtol=1e-4)
 
 
 def fold_batchnorm(network: nn.Module) -> nn.Module:

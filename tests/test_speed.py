@@ -165,3 +165,37 @@ def test_precision_studies_compare_both_precisions_over_the_same_seeds():
         assert sorted((c.precision, c.seed) for c in configs) == sorted(
             (p, s) for p in ("fp32", "bf16") for s in (0, 1, 2))
         assert len({(c.epochs, c.batch_size, c.lr, c.eval_images) for c in configs}) == 1
+
+
+def test_guided_noise_with_a_shared_encoder_equals_the_repeated_batch():
+    """With guidance the class-blind half of the U-Net runs once per image, and the noise is the same."""
+    network = trained_network()
+    fast = FastInference(network, FastPath(sample_channels_last=True, fold_batchnorm=True))
+    assert fast.copies is not None
+    seen = []
+    fast.network.init_conv.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    diffusion = GaussianDiffusion(n_timesteps=10)
+    y = torch.randn(3, 1, 28, 28)
+    conditions = torch.stack([torch.eye(10)[[1, 2, 3]], torch.eye(10)[[4, 5, 6]]])
+    with torch.no_grad():
+        for w, proportions in ((2.0, (0.5, 0.5)), (0.0, (0.5, 0.5))):
+            expected = diffusion.guided_noise(network, y, 7, conditions, w, proportions)
+            seen.clear()
+            result = diffusion.guided_noise(fast, y, 7, conditions, w, proportions)
+            assert seen == [3]                                    # not 9 (w != 0) or 6 (w = 0)
+            torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_network_that_is_not_the_sheets_unet_is_called_on_the_repeated_batch():
+    class Reordered(type(trained_network())):
+        def forward(self, x, t, c):                               # the same layers, another computation
+            return super().forward(x, t, c.flip(1))
+
+    torch.manual_seed(0)
+    other = Reordered(in_channels=1, n_features=8, n_classes=10, height=28).eval()
+    assert FastInference(other, FastPath()).copies is None
+    assert FastInference(torch.nn.Sequential(), FastPath()).copies is None
+    x, t, c = network_inputs(4)
+    fast = FastInference(other, FastPath())
+    with torch.no_grad():
+        torch.testing.assert_close(fast.noise_of_copies(x[:2], t, c, 2), other(x[:2].repeat(2, 1, 1, 1), t, c))

@@ -116,7 +116,7 @@ def plot_test_loss_by_timestep(records: Sequence[dict], path: str) -> None:
 def plot_sampler_study(rows: Sequence[dict], path: str, title: str) -> None:
     """Class accuracy and Frechet distance against network evaluations per image: one line per sampler (with its
     spacing and eta) and guidance weight, from the rows of samplers.py's table (the 'real' row is a dashed reference)."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, axes = plt.subplots(1, 2, figsize=(13.5, 4.2))
     generated = [row for row in rows if row["setting"] != "real"]
     real = [row for row in rows if row["setting"] == "real"]
     def family(row: dict) -> tuple[str, str, float]:
@@ -143,7 +143,7 @@ def plot_sampler_study(rows: Sequence[dict], path: str, title: str) -> None:
             axis.axhline(float(real[0][key]), color="grey", linestyle="--", linewidth=1, label="real test images")
         axis.set(xscale="log", xlabel="network evaluations per image", ylabel=name, title=name)
         axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))     # beside the plots, hiding no point
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

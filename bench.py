@@ -37,15 +37,19 @@ CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("
 SAMPLERS = (("ddpm", 400), ("ddim", 50), ("dpm++2m", 20), ("ddim", 20))
 
 
-def variants(device: torch.device, in_channels: int, full: bool, compile_too: bool) -> dict[str, FastPath]:
-    """name -> fast-path choices; plain first, the default fast path second, then the single ingredients (full)
-    and torch.compile (compile_too: in default mode, and on CUDA also with CUDA graphs)."""
+def variants(device: torch.device, in_channels: int, full: bool, compile_too: bool,
+             emulated_bf16: bool = False) -> dict[str, FastPath]:
+    """name -> fast-path choices; plain first, the default fast path second, then the single ingredients (full;
+    bf16 only where it is native, unless ``emulated_bf16``) and torch.compile (compile_too: in default mode, and
+    on CUDA also with CUDA graphs)."""
     fast = FastPath.for_machine(device, in_channels)
     chosen = {"plain": FastPath(), "fast": fast}
     if full:
         chosen["channels_last only"] = FastPath(train_channels_last=True, sample_channels_last=True)
         chosen["fold batchnorm only"] = FastPath(fold_batchnorm=True)
-        chosen["bf16 autocast only"] = FastPath(bf16_autocast=True)
+        chosen["shared encoder only"] = FastPath(share_encoder=True)
+        if device.type == "cuda" or Machine.of(device).cpu_bf16 or emulated_bf16:
+            chosen["bf16 autocast only"] = FastPath(bf16_autocast=True)
         if device.type == "cuda":
             chosen["fused adam only"] = FastPath(fused_adam=True)
     if compile_too:
@@ -152,7 +156,7 @@ def device_name(device: torch.device) -> str:
 
 def measure(device: torch.device, config_name: str, args) -> dict:
     dataset, n_features = CONFIGS[config_name]
-    chosen = variants(device, GEOMETRY[dataset]["in_channels"], not args.quick, args.compile)
+    chosen = variants(device, GEOMETRY[dataset]["in_channels"], not args.quick, args.compile, args.emulated_bf16)
     train = {}
     for batch_size in args.batch_sizes:
         train[batch_size] = alternate({name: (lambda p=path, b=batch_size: training_rounds(
@@ -211,6 +215,8 @@ def main() -> None:
                         "one round, 2 training steps and 8 sampling steps timed")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (and CUDA graphs on "
                         "CUDA); compiling is excluded from the timing")
+    parser.add_argument("--emulated-bf16", action="store_true", help="also measure bf16 autocast on a CPU "
+                        "without native bf16 (10x-20x slower)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128],

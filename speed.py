@@ -16,7 +16,7 @@ native bf16 through AVX-512-BF16 or AMX), the GPU model and the torch version.
 - fused Adam: one kernel over all parameters instead of several per tensor (CUDA).
 - BatchNorm folding: in eval mode BatchNorm is a fixed affine map, which
   ``torch.nn.utils.fusion.fuse_conv_bn_eval`` merges into the preceding convolution (sampling only).
-- shared encoder: with guidance, the U-Net's class-blind first half runs once for the conditional and the
+- share_encoder: with guidance, the U-Net's class-blind first half runs once for the conditional and the
   unconditional copy of each image (``SharedEncoder``; sampling only, on every device).
 - sample_chunk: images per sampling call. A CPU runs the U-Net fastest when the activations of one call fit its
   caches, a GPU when one call holds as many images as possible.
@@ -98,6 +98,7 @@ class FastPath:
     bf16_autocast: bool = False
     fused_adam: bool = False
     fold_batchnorm: bool = False
+    share_encoder: bool = False
     sample_chunk: int = PLAIN_SAMPLE_CHUNK
     compile: str = ""            # '' (eager), 'default' or 'reduce-overhead' (CUDA graphs): torch.compile's mode
 
@@ -110,9 +111,10 @@ class FastPath:
         compile_mode = compile_mode_for(machine.device_type, compile)
         if machine.device_type == "cuda":
             return cls(train_channels_last=True, sample_channels_last=True, fused_adam=True, fold_batchnorm=True,
-                       sample_chunk=CUDA_SAMPLE_CHUNK, compile=compile_mode)
+                       share_encoder=True, sample_chunk=CUDA_SAMPLE_CHUNK, compile=compile_mode)
         return cls(train_channels_last=in_channels == 3, sample_channels_last=True, fold_batchnorm=True,
-                   bf16_autocast=machine.cpu_bf16, sample_chunk=CPU_SAMPLE_CHUNK, compile=compile_mode)
+                   share_encoder=True, bf16_autocast=machine.cpu_bf16, sample_chunk=CPU_SAMPLE_CHUNK,
+                   compile=compile_mode)
 
     def describe(self) -> str:
         chosen = [name for name, value in vars(self).items() if value is True]
@@ -204,7 +206,8 @@ class FastInference(nn.Module):
         self.network = network_to_channels_last(network, path.sample_channels_last)
         self.call = compiled(self.network, path)
         self.path = path
-        self.copies = SharedEncoder(self.network) if SharedEncoder.matches(self.network) else None
+        share = path.share_encoder and SharedEncoder.matches(self.network)
+        self.copies = SharedEncoder(self.network) if share else None
         self.call_copies = compiled(self.copies, path) if self.copies is not None else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

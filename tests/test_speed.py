@@ -25,7 +25,7 @@ def test_rules_follow_the_machines_capabilities_not_its_device_type():
     avx2 = FastPath.for_machine(cpu, 1, machine=machine())
     amx = FastPath.for_machine(cpu, 1, machine=machine(capability="AVX512", bf16=True))
     assert not avx2.bf16_autocast and amx.bf16_autocast                # bf16 only where the CPU has it natively
-    assert avx2.sample_chunk == amx.sample_chunk == CPU_SAMPLE_CHUNK
+    assert avx2.sample_chunk == amx.sample_chunk == CPU_SAMPLE_CHUNK and avx2.share_encoder
     assert not avx2.train_channels_last and FastPath.for_machine(cpu, 3, machine=machine()).train_channels_last
     gpu = FastPath.for_machine(torch.device("cuda"), 3, machine=machine("cuda", gpu="NVIDIA H200"))
     assert gpu.fused_adam and not gpu.bf16_autocast and gpu.sample_chunk == CUDA_SAMPLE_CHUNK
@@ -170,8 +170,8 @@ def test_precision_studies_compare_both_precisions_over_the_same_seeds():
 def test_guided_noise_with_a_shared_encoder_equals_the_repeated_batch():
     """With guidance the class-blind half of the U-Net runs once per image, and the noise is the same."""
     network = trained_network()
-    fast = FastInference(network, FastPath(sample_channels_last=True, fold_batchnorm=True))
-    assert fast.copies is not None
+    fast = FastInference(network, FastPath(sample_channels_last=True, fold_batchnorm=True, share_encoder=True))
+    assert fast.copies is not None and FastInference(network, FastPath()).copies is None
     seen = []
     fast.network.init_conv.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
     diffusion = GaussianDiffusion(n_timesteps=10)
@@ -193,9 +193,9 @@ def test_a_network_that_is_not_the_sheets_unet_is_called_on_the_repeated_batch()
 
     torch.manual_seed(0)
     other = Reordered(in_channels=1, n_features=8, n_classes=10, height=28).eval()
-    assert FastInference(other, FastPath()).copies is None
-    assert FastInference(torch.nn.Sequential(), FastPath()).copies is None
+    assert FastInference(other, FastPath(share_encoder=True)).copies is None
+    assert FastInference(torch.nn.Sequential(), FastPath(share_encoder=True)).copies is None
     x, t, c = network_inputs(4)
-    fast = FastInference(other, FastPath())
+    fast = FastInference(other, FastPath(share_encoder=True))
     with torch.no_grad():
         torch.testing.assert_close(fast.noise_of_copies(x[:2], t, c, 2), other(x[:2].repeat(2, 1, 1, 1), t, c))

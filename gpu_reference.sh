@@ -38,7 +38,7 @@ evaluate() {  # evaluate CHECKPOINT [DATA FLAG...]: DDPM-T and DDIM tables at w 
     shift
     step "evaluate ddpm $checkpoint" "$python" evaluate.py metrics --checkpoint "$checkpoint" "$@" --guidance 0 1 3 \
         --device "$device" $compile $eval_flags
-    step "evaluate ddim50 $checkpoint" "$python" evaluate.py metrics --checkpoint "$checkpoint" "$@" --guidance 0 1 3 \
+    step "evaluate ddim$ddim_steps $checkpoint" "$python" evaluate.py metrics --checkpoint "$checkpoint" "$@" --guidance 0 1 3 \
         --sampler ddim --steps "$ddim_steps" --device "$device" $compile $eval_flags
 }
 

@@ -38,8 +38,8 @@ evaluate() {  # evaluate CHECKPOINT [DATA FLAG...]: DDPM-T and DDIM tables at w 
     shift
     step "evaluate ddpm $checkpoint" "$python" evaluate.py metrics --checkpoint "$checkpoint" "$@" --guidance 0 1 3 \
         --device "$device" $compile $eval_flags
-    step "evaluate ddim$ddim_steps $checkpoint" "$python" evaluate.py metrics --checkpoint "$checkpoint" "$@" --guidance 0 1 3 \
-        --sampler ddim --steps "$ddim_steps" --device "$device" $compile $eval_flags
+    step "evaluate ddim$ddim_steps $checkpoint" "$python" evaluate.py metrics --checkpoint "$checkpoint" "$@" \
+        --guidance 0 1 3 --sampler ddim --steps "$ddim_steps" --device "$device" $compile $eval_flags
 }
 
 "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \

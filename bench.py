@@ -17,7 +17,6 @@ round is reported, so that a load change on the machine hits both alike. The las
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from cli import OneLineParser, add_guidance_flag, tool_flags
 from ddpm import GaussianDiffusion, class_grid_labels, network_from_config
 from generation import SamplingModel, generate
-from speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine
+from speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, cpu_model
 from train_config import GEOMETRY, MNIST
 from training import Ranks, build_run, training_step
 
@@ -87,16 +86,21 @@ def training_rounds(dataset: str, n_features: int, device: torch.device, path: F
         yield batch_size * steps / (time.perf_counter() - started)
 
 
+def untrained_network(dataset: str, n_features: int, device: torch.device, path: FastPath) -> torch.nn.Module:
+    """The U-Net of a config with the same random weights every time (seed 0), in eval mode on ``path``: the bare
+    network for the plain path, else ``FastInference`` around it."""
+    torch.manual_seed(0)
+    network = network_from_config(dict(GEOMETRY[dataset], n_features=n_features)).to(device).eval()
+    return network if path == FastPath() else FastInference(network, path)
+
+
 def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, per_class: int,
                     sampler: str, steps: int, guidance: float):
     """Like ``training_rounds`` for one guided sampling run of ``per_class`` images per class with ``steps`` steps
     of ``sampler`` and guidance weight ``guidance`` (w = 0 needs no unconditional half); each round yields
     images/s."""
     geometry = GEOMETRY[dataset]
-    torch.manual_seed(0)
-    network = network_from_config(dict(geometry, n_features=n_features)).to(device).eval()
-    if path != FastPath():
-        network = FastInference(network, path)
+    network = untrained_network(dataset, n_features, device, path)
     diffusion = GaussianDiffusion().to(device)
     labels = class_grid_labels(range(10), per_class).to(device)
     conditions = F.one_hot(labels, 10).float()
@@ -121,9 +125,7 @@ def evaluation_rounds(dataset: str, n_features: int, device: torch.device, path:
     """Like ``sampling_rounds`` for ``n_images`` images sampled the way evaluate.py does (``generation.generate``,
     ``path.sample_chunk`` images per call) with ``steps`` DDIM steps; each round yields images/s."""
     geometry = GEOMETRY[dataset]
-    torch.manual_seed(0)
-    network = network_from_config(dict(geometry, n_features=n_features)).to(device).eval()
-    model = SamplingModel(GaussianDiffusion().to(device), FastInference(network, path),
+    model = SamplingModel(GaussianDiffusion().to(device), untrained_network(dataset, n_features, device, path),
                           dict(geometry, n_features=n_features), path.sample_chunk)
     conditions = F.one_hot(torch.arange(n_images) % geometry["n_classes"], geometry["n_classes"]).float()
     generate(model, conditions[:path.sample_chunk], guidance, sampler="ddim", steps=1)          # warm-up
@@ -151,7 +153,7 @@ def alternate(round_makers: dict, rounds: int) -> dict[str, float]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
 
 
 def measure(device: torch.device, config_name: str, args) -> dict:
@@ -216,7 +218,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (and CUDA graphs on "
                         "CUDA); compiling is excluded from the timing")
     parser.add_argument("--emulated-bf16", action="store_true", help="also measure bf16 autocast on a CPU "
-                        "without native bf16 (10x-20x slower)")
+                        "without native bf16 (11x-28x slower on the AVX2 CPU of README.txt)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128],

@@ -40,7 +40,8 @@ from training import resolve_config
 # ----------------------------------------------------------------------------------------------------------------
 
 def default_csv_path(args: argparse.Namespace, n_timesteps: int) -> str:
-    """<checkpoint stem>_eval_<sampler><steps>[_<spacing>][_eta<eta>]_w<w1-w2-...>_n<per class>[_raw][_clip][_seed<s>].csv"""
+    """<checkpoint stem>_eval_<sampler><steps>[_<spacing>][_eta<eta>]_w<w1-w2-...>_n<per class>[_raw][_clip]
+    [_seed<s>].csv"""
     stem, _ = os.path.splitext(args.checkpoint)
     steps = sampler_steps(args.sampler, args.sample_steps, n_timesteps) or n_timesteps
     parts = [f"{args.sampler}{steps}"]

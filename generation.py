@@ -25,6 +25,13 @@ class SamplingModel:
     config: dict
     chunk_size: int = PLAIN_SAMPLE_CHUNK
 
+    def images_per_call(self, chunk_size: int | None = None) -> int:
+        """``chunk_size`` when given, else the model's own; refuses a size below 1."""
+        chunk_size = self.chunk_size if chunk_size is None else chunk_size
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        return chunk_size
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
@@ -77,9 +84,7 @@ def generate(model: SamplingModel, conditions: torch.Tensor, w: float, proportio
     different conditions are directly comparable. Returns (y_0 [N, C, H, W] float on the CPU, frames numpy
     [len(keep), N, C, H, W]).
     """
-    chunk_size = model.chunk_size if chunk_size is None else chunk_size
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_size = model.images_per_call(chunk_size)
     conditions = (conditions.unsqueeze(0) if conditions.dim() == 2 else conditions).to(model.device)
     steps = sampler_steps(sampler, steps, model.diffusion.n_timesteps)
     torch.manual_seed(seed)

@@ -139,7 +139,7 @@ def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per
     print(f"judging {name} with {classifier_path}: {len(test_set)} real test images, "
           f"{n_generated} generated per weight ({sampler}, {n_steps} steps, {model.device})")
     sampling = dict(sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised, spacing=spacing, seed=seed)
-    chunk_size = model.chunk_size if chunk_size is None else chunk_size
+    chunk_size = model.images_per_call(chunk_size)
     for w in guidance:
         started = time.perf_counter()
         images, labels = generate_classes(model, n_per_class, w, chunk_size, **sampling)

@@ -26,8 +26,8 @@ native bf16 through AVX-512-BF16 or AMX), the GPU model and the torch version.
 from __future__ import annotations
 
 import contextlib
-from copy import deepcopy
 import platform
+from copy import deepcopy
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,29 +66,23 @@ def cpu_has_native_bf16() -> bool:
     for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         if getattr(torch.cpu, query, lambda: False)():
             return True
-    return bool({"avx512_bf16", "amx_bf16"} & cpuinfo_flags())
-
-
-def cpuinfo_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo_field("flags").split()))
 
 
 def cpu_model() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpuinfo_field(name: str) -> str:
+    """The value of the first ``name`` line of /proc/cpuinfo ('' where there is none, e.g. not on Linux)."""
     try:
         with open("/proc/cpuinfo") as file:
             for line in file:
-                if line.startswith("model name"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The sheet's settings (train_config.CIFAR10): Adam with a constant learning rate,
 beta_T = 0.02, p_uncond = 0.1, guidance weights w in {1, 3}, 4 samples per class, grids every 10 and GIFs every
 20 epochs, into log_cifar10/. Random horizontal flips are on (--no-flip turns them off).
 """
-from train_config import CIFAR10
+from lab.train_config import CIFAR10
 from training import main
 
 if __name__ == "__main__":

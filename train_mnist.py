@@ -4,7 +4,7 @@ The sheet's settings (train_config.MNIST): Adam with a constant learning rate, T
 beta_T = 0.02, p_uncond = 0.1, guidance weights w in {0, 1, 3}, 4 samples per class, grids, GIFs and
 checkpoints every 5 epochs, into log_mnist/.
 """
-from train_config import MNIST
+from lab.train_config import MNIST
 from training import main
 
 if __name__ == "__main__":

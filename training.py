@@ -1,8 +1,8 @@
 """The one training loop behind train_mnist.py and train_cifar10.py (sheet 1, tasks 3 and 4; sheet 2, 2.2).
 
-``main(defaults)`` turns the command line into a ``TrainConfig`` (train_config.py) and calls ``train``. Each
+``main(defaults)`` turns the command line into a ``TrainConfig`` (lab/train_config.py) and calls ``train``. Each
 epoch the loop trains on the whole in-memory dataset (Algorithm 1), measures the test loss at fixed timesteps
-and noise (sheet 2, 2.2 e), and writes its files (run_files.py: grids, GIFs, loss curves, checkpoints).
+and noise (sheet 2, 2.2 e), and writes its files (lab/run_files.py: grids, GIFs, loss curves, checkpoints).
 Read top to bottom: configuration, building a run, the loop, one step, the test loss.
 """
 from __future__ import annotations
@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import config_differences, load_checkpoint
-from cli import exit_on_error, resolve_device, training_parser
-from ddpm import DDPM, GaussianDiffusion
-from ema import EMA
-from generation import SamplingModel
-from image_data import ImageSet, load_data, to_model_scale
-from run_files import (RunState, newest_run_checkpoint, output_folder, real_examples, remove_interrupted_checkpoints,
-                       restore, save_interrupted, save_run, write_epoch_artifacts)
-from speed import (FastInference, FastPath, FastTraining, compiled, make_optimizer, mark_step_begin,
-                   network_to_channels_last, path_for_run)
-from train_config import GEOMETRY, TrainConfig, validate
+from ddpm import DDPM
+from lab.checkpoints import config_differences, load_checkpoint, network_from_config
+from lab.cli import exit_on_error, resolve_device, training_parser
+from lab.ema import EMA
+from lab.generation import SamplingModel, sampling_model
+from lab.image_data import ImageSet, load_data, to_model_scale
+from lab.run_files import (RunState, newest_run_checkpoint, output_folder, real_examples, remove_interrupted_checkpoints,
+                           restore, save_interrupted, save_run, write_epoch_artifacts)
+from lab.speed import (FastInference, FastPath, FastTraining, compiled, make_optimizer, mark_step_begin,
+                       network_to_channels_last, path_for_run)
+from lab.train_config import GEOMETRY, TrainConfig, validate
 
 MACHINE_SETTINGS = ("device", "out", "resume", "overwrite")   # never taken from a resumed run's saved config
 
@@ -96,12 +96,12 @@ class Ranks:
 
 @dataclass
 class Run:
-    """Everything the loop trains and saves: the DDPM (its U-Net holds the trained weights), the network the
-    steps call (the same U-Net, or it compiled or DDP-wrapped), the optimizer, the EMA, the fast-path choices,
-    the ranks and the progress."""
+    """Everything the loop trains and saves: the DDPM (its U-Net holds the trained weights), the DDPM the steps
+    call (around the same U-Net on the fast path, maybe compiled, and DDP-wrapped under torchrun), the optimizer,
+    the EMA, the fast-path choices, the ranks and the progress."""
     config: TrainConfig
     model: DDPM
-    network: torch.nn.Module
+    trainer: torch.nn.Module
     optimizer: torch.optim.Optimizer
     ema: Optional[EMA]
     path: FastPath
@@ -112,10 +112,6 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    @property
-    def diffusion(self) -> GaussianDiffusion:
-        return self.model.diffusion
 
 
 def start_ranks(config: TrainConfig) -> tuple[Ranks, torch.device]:
@@ -136,10 +132,11 @@ def start_ranks(config: TrainConfig) -> tuple[Ranks, torch.device]:
 def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: FastPath | None = None) -> Run:
     """The model (same initial weights on every rank), optimizer and EMA, restored from --resume when given.
 
-    ``path`` overrides the fast-path choices that ``config.fast`` implies (bench.py measures each one).
+    ``path`` overrides the fast-path choices that ``config.fast`` implies (tools/bench.py measures each one).
     """
     torch.manual_seed(config.seed)
-    model = DDPM.from_config(dataclasses.asdict(config), device=device).train()
+    model = DDPM.from_config(dataclasses.asdict(config), network_from_config(dataclasses.asdict(config)),
+                             device).train()
     if path is None:
         path = path_for_run(device, config.in_channels, config.fast, config.compile, config.precision)
     network_to_channels_last(model.nn_model, path.train_channels_last)
@@ -148,17 +145,17 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: Fas
     state = restore(config.resume, model.nn_model, optimizer, ema, device) if config.resume else RunState()
     if ranks.distributed:
         torch.manual_seed(config.seed + 1_000_003 * ranks.rank + 1009 * state.epoch + state.step)
-    network = model.nn_model
+    trainer = DDPM.from_config(dataclasses.asdict(config), compiled(FastTraining(model.nn_model, path), path),
+                               device).train()
     if ranks.distributed:
         # BatchNorm is not synchronised (SyncBatchNorm would add an all-reduce per layer and runs on GPUs only):
         # each rank normalises its own batch of --batch-size images, which is plenty, and DDP broadcasts
         # rank 0's running statistics before every forward pass, so they never drift apart; rank 0's are saved.
-        network = torch.nn.parallel.DistributedDataParallel(
-            network, device_ids=[device.index] if device.type == "cuda" else None)
-    network = compiled(FastTraining(network, path), path)
+        trainer = torch.nn.parallel.DistributedDataParallel(
+            trainer, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda" and config.fast:
         torch.backends.cudnn.benchmark = True
-    return Run(config, model, network, optimizer, ema, path, ranks, state)
+    return Run(config, model, trainer, optimizer, ema, path, ranks, state)
 
 
 def count_parameters(network: torch.nn.Module) -> int:
@@ -288,7 +285,7 @@ def training_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch
     if config.flip:
         y = torch.where(torch.rand(len(y), 1, 1, 1, device=y.device) < 0.5, y.flip(3), y)
     c = F.one_hot(labels, config.n_classes).float()
-    loss = run.diffusion.training_loss(run.network, y, c, config.drop_prob, config.loss)
+    loss = run.trainer(y, c)                                        # DDPM.forward: Algorithm 1
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -349,7 +346,7 @@ def model_for_sampling(run: Run) -> SamplingModel:
         network = run.sampling_network
     else:
         network = FastInference(run.model.nn_model if run.ema is None else run.ema.module, run.path)
-    return SamplingModel(run.diffusion, network, dataclasses.asdict(run.config), run.path.sample_chunk)
+    return sampling_model(network, dataclasses.asdict(run.config), run.device, run.path.sample_chunk)
 
 
 @torch.inference_mode()
@@ -373,7 +370,7 @@ def test_loss(model: SamplingModel, test_set: ImageSet, config: TrainConfig) -> 
             noise = torch.randn(y0.shape, generator=generator).to(device)
             c = F.one_hot(test_set.labels[start:start + 500], config.n_classes).float().to(device)
             step = torch.full((len(y0),), t, device=device)
-            loss = model.diffusion.p_losses(model.network, y0, step, c, noise, loss_type=config.loss)
+            loss = model.ddpm.p_losses(y0, step, c, noise, loss_type=config.loss)
             total += loss.item() * len(y0)
         results[f"test_loss_t{t}"] = total / len(test_set)
     return {"test_loss": sum(results.values()) / len(results), **results}

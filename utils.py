@@ -115,7 +115,7 @@ def plot_test_loss_by_timestep(records: Sequence[dict], path: str) -> None:
 
 def plot_sampler_study(rows: Sequence[dict], path: str, title: str) -> None:
     """Class accuracy and Frechet distance against network evaluations per image: one line per sampler (with its
-    spacing and eta) and guidance weight, from the rows of samplers.py's table (the 'real' row is a dashed
+    spacing and eta) and guidance weight, from the rows of tools/samplers.py's table (the 'real' row is a dashed
     reference)."""
     figure, axes = plt.subplots(1, 2, figsize=(13.5, 4.2))
     generated = [row for row in rows if row["setting"] != "real"]

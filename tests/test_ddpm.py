@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import save_checkpoint
-from ddpm import (DDPM, GaussianDiffusion, classifier_free_guidance, composed_guidance, cosine_beta_schedule,
+from lab.checkpoints import network_from_config, save_checkpoint
+from ddpm import (DDPM, classifier_free_guidance, cosine_beta_schedule,
                   ddpm_schedule, frame_timesteps, linear_beta_schedule, sigmoid_beta_schedule)
 from networks.Conditional_UNet import UNet
 from tests.conftest import StubNetwork
@@ -62,18 +62,24 @@ def test_schedule_dictionary_terms(schedule):
     torch.testing.assert_close(terms["alpha_bar_t"].double(), torch.cumprod(alpha, 0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(terms["sqrt_alpha_bar_t"] ** 2, terms["alpha_bar_t"])
     torch.testing.assert_close(terms["sqrt_one_minus_alpha_bar_t"] ** 2, 1 - terms["alpha_bar_t"], atol=1e-6, rtol=0)
-    torch.testing.assert_close(terms["one_over_sqrt_alpha_t"], 1 / alpha.sqrt().float())
+    torch.testing.assert_close(terms["one_over_sqrt_alpha_t"].double(), 1 / alpha.sqrt())
     coefficient = terms["one_minus_alpha_t_over_sqrt_1_minus_alpha_bar_t"]
-    torch.testing.assert_close(coefficient[1:], ((1 - alpha[1:]) / (1 - terms["alpha_bar_t"].double()[1:]).sqrt()).float())
+    torch.testing.assert_close(coefficient[1:].double(), (1 - alpha[1:]) / (1 - terms["alpha_bar_t"].double()[1:]).sqrt())
 
 
 def test_schedule_terms_are_buffers_of_the_model_and_readable_on_it():
     model = make(timesteps=10)
     buffers = dict(model.named_buffers())
-    assert {f"diffusion.{key}" for key in KEYS} <= set(buffers)
+    assert KEYS <= set(buffers)
     for key in KEYS:
-        assert getattr(model, key) is buffers[f"diffusion.{key}"]
-    assert not any(key.startswith("diffusion.") for key in model.state_dict())  # derived, not saved
+        assert getattr(model, key) is buffers[key] and buffers[key].dtype == torch.float32
+    assert not KEYS & set(model.state_dict())  # derived, not saved
+
+
+def test_ddpm_schedule_is_a_method_of_the_class_with_the_sheets_signature():
+    terms = DDPM.ddpm_schedule(1e-4, 0.02, 400)
+    assert set(terms) == KEYS and make().ddpm_schedule(1e-4, 0.02, 400).keys() == terms.keys()
+    torch.testing.assert_close(terms["sqrt_beta_t"][1:] ** 2, torch.linspace(1e-4, 0.02, 400, dtype=torch.float64))
 
 
 # ---- forward process ---------------------------------------------------------------------------------------------
@@ -83,7 +89,7 @@ def test_q_sample_matches_closed_form():
     terms = ddpm_schedule(1e-4, 0.02, 400)
     y0, noise, t = torch.randn(5, 1, 4, 4), torch.randn(5, 1, 4, 4), torch.tensor([1, 2, 100, 399, 400])
     expected = (terms["sqrt_alpha_bar_t"][t].view(-1, 1, 1, 1) * y0
-                + terms["sqrt_one_minus_alpha_bar_t"][t].view(-1, 1, 1, 1) * noise)
+                + terms["sqrt_one_minus_alpha_bar_t"][t].view(-1, 1, 1, 1) * noise).float()
     torch.testing.assert_close(model.q_sample(y0, t, noise), expected)
 
 
@@ -203,21 +209,6 @@ def test_equation_5_combines_conditional_and_unconditional_noise():
     torch.testing.assert_close(classifier_free_guidance(conditional, 0.0, 0.0), conditional)
 
 
-def test_composed_guidance_towards_a_mixture():
-    stub = StubNetwork()
-    model = make(stub, timesteps=50)
-    y, w = torch.randn(2, 1, 2, 2), 2.0
-    three, eight = torch.eye(10)[[3, 3]], torch.eye(10)[[8, 8]]
-    guided = model.diffusion.guided_noise(stub, y, 10, torch.stack([three, eight]), w, (0.4, 0.6))
-    eps_u = stub.expected(y, 10 / 50, torch.zeros(2, 10))
-    eps_3, eps_8 = stub.expected(y, 0.2, three), stub.expected(y, 0.2, eight)
-    expected = eps_u + (1 + w) * (0.4 * (eps_3 - eps_u) + 0.6 * (eps_8 - eps_u))
-    torch.testing.assert_close(guided, expected)
-    assert stub.calls == [6]
-    torch.testing.assert_close(composed_guidance(torch.stack([eps_3]), eps_u, w, (1.0,)),
-                               classifier_free_guidance(eps_3, eps_u, w))
-
-
 # ---- sampling -----------------------------------------------------------------------------------------------------
 
 def test_sample_orders_classes_fastest_with_one_doubled_call_per_step():
@@ -253,104 +244,13 @@ def test_sample_is_deterministic_under_a_seed():
     assert not torch.allclose(first, third)
 
 
-# ---- DDIM -------------------------------------------------------------------------------------------------------------
-
-def test_ddim_step_follows_its_equations():
-    stub = StubNetwork()
-    model = make(stub, timesteps=100)
-    y, eps = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
-    t, t_prev, eta = 60, 40, 0.7
-    a, a_prev = model.alpha_bar_t[t].double(), model.alpha_bar_t[t_prev].double()
-    torch.manual_seed(5)
-    result = model.diffusion.ddim_step(y, t, t_prev, eps, eta)
-    torch.manual_seed(5)
-    z = torch.randn_like(y).double()
-    y0_hat = (y.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
-    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-    expected = a_prev.sqrt() * y0_hat + (1 - a_prev - sigma ** 2).sqrt() * eps.double() + sigma * z
-    torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_ddim_with_all_steps_and_eta_one_is_ancestral_with_posterior_variance():
-    model = make(timesteps=100)
-    y, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
-    for t in (100, 50, 2):
-        beta = 1 - model.alpha_t[t]
-        posterior_variance = (1 - model.alpha_bar_t[t - 1]) / (1 - model.alpha_bar_t[t]) * beta   # Ho et al. eq. 7
-        torch.manual_seed(t)
-        result = model.diffusion.ddim_step(y, t, t - 1, eps, eta=1.0)
-        torch.manual_seed(t)
-        z = torch.randn_like(y)
-        mean = (y - beta / torch.sqrt(1 - model.alpha_bar_t[t]) * eps) / torch.sqrt(model.alpha_t[t])
-        torch.testing.assert_close(result, mean + posterior_variance.sqrt() * z, atol=1e-5, rtol=1e-4)
-
-
-def test_ddim_with_eta_zero_is_deterministic_and_visits_strided_steps():
-    torch.manual_seed(0)
-    stub = StubNetwork()
-    model = make(stub, timesteps=400)
-    y_T = torch.randn(10, 1, 2, 2)
-    outputs = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        y = y_T.clone()
-        for t, t_prev in zip(range(400, 0, -8), range(392, -1, -8)):
-            y = model.diffusion.ddim_step(y, t, t_prev, model.diffusion.guided_noise(stub, y, t, torch.eye(10), 1.0), 0.0)
-        outputs.append(y)
-    torch.testing.assert_close(outputs[0], outputs[1])
-    stub.calls.clear()
-    _, frames = model.sample(1, (1, 2, 2), 10, 1.0, sampler="ddim", steps=50)
-    assert len(stub.calls) == 50 and frames.shape[0] == 50
-
-
 # ---- loading ------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_clipping_keeps_the_noise_of_an_in_range_start(schedule):
-    model = make(schedule=schedule)
-    torch.manual_seed(0)
-    y0, eps = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
-    for t in (1, 25, 50):
-        y_t = model.q_sample(y0, torch.full((4,), t), eps)
-        assert torch.allclose(model.diffusion.predict_start_from_noise(y_t, t, eps), y0, atol=1e-3 if t < 50 else 1.0)
-        if t < 50:   # at t = T the cosine alpha_bar is ~0 and y_0 is not recoverable in float32
-            assert torch.allclose(model.diffusion.noise_for_clipped_start(y_t, t, eps), eps, atol=1e-4)
-
-
-def test_clipped_step_is_the_posterior_mean_at_the_clipped_start():
-    """Algorithm 2 with eps' = posterior mean of q(y_{t-1} | y_t, y_0) (Ho et al. eq. 7) at clip(y0^)."""
-    model = make(schedule="cosine")
-    torch.manual_seed(1)
-    y_t, eps = torch.randn(3, 1, 4, 4) * 3, torch.randn(3, 1, 4, 4)
-    for t in (2, 30, 50):
-        clipped_noise = model.diffusion.noise_for_clipped_start(y_t, t, eps)
-        start = model.diffusion.predict_start_from_noise(y_t, t, eps).clamp(-1, 1)
-        alpha_bar, alpha_bar_prev = model.alpha_bar_t[t].double(), model.alpha_bar_t[t - 1].double()
-        beta = 1 - alpha_bar / alpha_bar_prev
-        posterior_mean = (alpha_bar_prev.sqrt() * beta / (1 - alpha_bar) * start.double()
-                          + (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * y_t.double())
-        algorithm_2_mean = model.one_over_sqrt_alpha_t[t] * (
-            y_t - model.one_minus_alpha_t_over_sqrt_1_minus_alpha_bar_t[t] * clipped_noise)
-        assert torch.allclose(algorithm_2_mean.double(), posterior_mean, atol=1e-3)
-
-
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_clipped_sampling_stays_in_the_data_range_where_plain_sampling_diverges(sampler):
-    model = make(StubNetwork(), schedule="cosine")   # the stub's noise is far from any data's
-    torch.manual_seed(0)
-    plain, _ = model.sample(1, (1, 4, 4), 10, 1.0, sampler=sampler, steps=10 if sampler == "ddim" else None)
-    torch.manual_seed(0)
-    clipped, _ = model.sample(1, (1, 4, 4), 10, 1.0, sampler=sampler, steps=10 if sampler == "ddim" else None,
-                              clip_denoised=True)
-    assert plain.abs().max() > 10
-    assert clipped.abs().max() <= 1 + 1e-4
-
 
 def test_from_checkpoint_rebuilds_the_model(tmp_path):
     torch.manual_seed(0)
     config = dict(in_channels=1, image_size=8, n_features=8, n_classes=10, timesteps=30, beta1=1e-4, beta2=0.02,
                   schedule="cosine", drop_prob=0.1, loss="l1")
-    original = DDPM.from_config(config, device="cpu")
+    original = DDPM.from_config(config, network_from_config(config), device="cpu")
     path = tmp_path / "model_ep1.pth"
     save_checkpoint(dict(model=original.nn_model.state_dict(), ema=None, optimizer={}, epoch=1, config=config,
                          losses=[]), str(path))
@@ -390,15 +290,8 @@ def test_timesteps_outside_range_are_refused():
         model.p_losses(y, torch.tensor([1, 2]), c, loss_type="l3")
 
 
-def test_bad_sampler_arguments():
+def test_bad_sample_arguments():
     model = make(timesteps=50)
-    with pytest.raises(ValueError, match="ddpm.*ddim.*dpm"):
-        model.sample(1, (1, 2, 2), 10, sampler="euler")
-    with pytest.raises(ValueError, match="logsnr.*time"):
-        model.diffusion.sample(model.nn_model, torch.eye(10), 1.0, (1, 2, 2), sampler="dpm++2m", steps=5,
-                               spacing="karras")
-    with pytest.raises(ValueError, match="steps"):
-        model.sample(1, (1, 2, 2), 10, sampler="ddim", steps=51)
     with pytest.raises(ValueError, match="n_classes"):
         model.sample(1, (1, 2, 2), 7)
 
@@ -423,134 +316,7 @@ def test_a_bare_network_trains_and_samples_inside_the_ddpm():
     loss.backward()
     assert loss.dim() == 0 and model.nn_model.scale.grad is not None
     assert model.p_sample(torch.randn(4, 1, 3, 3), 5, c, 2.0).shape == (4, 1, 3, 3)
-    for sampler in ("ddpm", "ddim", "dpm++2m"):
-        y0, frames = model.sample(2, (1, 3, 3), 10, 1.0, sampler=sampler, steps=None if sampler == "ddpm" else 5)
-        assert y0.shape == (20, 1, 3, 3) and frames.shape[1:] == (20, 1, 3, 3)
+    y0, frames = model.sample(2, (1, 3, 3), 10, 1.0)
+    assert y0.shape == (20, 1, 3, 3) and frames.shape == (len(frame_timesteps(20)), 20, 1, 3, 3)
 
 
-# ---- DPM-Solver++(2M) -----------------------------------------------------------------------------------------------
-
-class GaussianDataNoise(torch.nn.Module):
-    """The exact eps of y_t for data y_0 ~ N(mu, s^2): E[eps | y_t] = sigma_t (y_t - a_t mu) / (a_t^2 s^2 + sigma_t^2),
-    with a_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t): the ideal noise predictor."""
-
-    def __init__(self, diffusion, mu=0.3, s=0.5):
-        super().__init__()
-        self.diffusion, self.mu, self.s = diffusion, mu, s
-
-    def forward(self, y, t_fraction, c):
-        t = (t_fraction.view(-1) * self.diffusion.n_timesteps).round().long()
-        alpha_bar = self.diffusion.alpha_bar_t[t].double().view(-1, 1, 1, 1)
-        a, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        return (sigma * (y.double() - a * self.mu) / (a ** 2 * self.s ** 2 + sigma ** 2)).float()
-
-
-def solver_errors(sampler, spacing, step_counts, reference_steps=1000):
-    """Max error at y_0 of ``sampler`` with each step count, against dpm++2m with every timestep, same y_T."""
-    diffusion = GaussianDiffusion(1e-4, 0.02, 1000)
-    network, conditions = GaussianDataNoise(diffusion), torch.zeros(64, 10)
-
-    def solve(name, steps, how):
-        torch.manual_seed(0)
-        return diffusion.sample(network, conditions, 0.0, (1, 1, 1), sampler=name, steps=steps, spacing=how)[0]
-
-    reference = solve("dpm++2m", reference_steps, "logsnr")
-    return [(solve(sampler, steps, spacing) - reference).abs().max().item() for steps in step_counts]
-
-
-def test_dpm_solver_is_second_order_and_ddim_first_order_with_an_ideal_noise_predictor():
-    dpm = solver_errors("dpm++2m", "logsnr", (20, 40, 80))
-    ddim = solver_errors("ddim", "time", (20, 40, 80))
-    for coarse, fine in zip(dpm, dpm[1:]):
-        assert 3.0 < coarse / fine < 6.0, dpm       # doubling the steps: error / 4
-    for coarse, fine in zip(ddim, ddim[1:]):
-        assert 1.6 < coarse / fine < 2.5, ddim      # error / 2
-    assert dpm[0] < ddim[0] / 5                     # at 20 steps: 0.025 against 0.23
-
-
-def test_dpm_solver_first_step_is_a_ddim_step():
-    model = make(StubNetwork(), timesteps=100)
-    y, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
-    for t, t_prev in ((100, 80), (50, 13)):
-        first, (predicted_y0, _) = model.diffusion.dpm_solver_step(y, t, t_prev, eps, previous=None)
-        torch.testing.assert_close(first, model.diffusion.ddim_step(y, t, t_prev, eps, eta=0.0), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(predicted_y0, model.diffusion.predict_start_from_noise(y, t, eps))
-    last, _ = model.diffusion.dpm_solver_step(y, 7, 0, eps, previous=(torch.zeros_like(y), 0.0))
-    torch.testing.assert_close(last, model.diffusion.predict_start_from_noise(y, 7, eps))   # first order at t = 0
-
-
-def test_dpm_solver_second_step_uses_the_previous_data_prediction():
-    diffusion = make(timesteps=100).diffusion
-    y, eps, last_y0 = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
-    t_last, t, t_prev = 90, 60, 30
-    result, _ = diffusion.dpm_solver_step(y, t, t_prev, eps, previous=(last_y0, diffusion.log_snr(t_last)))
-    lam = {s: diffusion.log_snr(s) for s in (t_last, t, t_prev)}
-    h, h_last = lam[t_prev] - lam[t], lam[t] - lam[t_last]
-    r = h_last / h
-    y0 = diffusion.predict_start_from_noise(y, t, eps).double()
-    data = (1 + 1 / (2 * r)) * y0 - 1 / (2 * r) * last_y0.double()
-    sigma = lambda s: (1 - diffusion.alpha_bar_t[s].double()).sqrt()  # noqa: E731
-    alpha = lambda s: diffusion.alpha_bar_t[s].double().sqrt()        # noqa: E731
-    expected = sigma(t_prev) / sigma(t) * y.double() - alpha(t_prev) * (math.exp(-h) - 1) * data
-    torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_sde_dpm_solver_step_adds_fresh_noise_to_a_contracted_ode_step():
-    diffusion = make(timesteps=100).diffusion
-    y, eps, last_y0 = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
-    t_last, t, t_prev, eta = 90, 60, 30, 1.0
-    previous = (last_y0, diffusion.log_snr(t_last))
-    torch.manual_seed(5)
-    result, _ = diffusion.dpm_solver_step(y, t, t_prev, eps, previous, eta)
-    torch.manual_seed(5)
-    z = torch.randn_like(y)
-    lam = {s: diffusion.log_snr(s) for s in (t_last, t, t_prev)}
-    h, r = lam[t_prev] - lam[t], (lam[t] - lam[t_last]) / (lam[t_prev] - lam[t])
-    y0 = diffusion.predict_start_from_noise(y, t, eps).double()
-    data = (1 + 1 / (2 * r)) * y0 - 1 / (2 * r) * last_y0.double()
-    sigma = lambda s: (1 - diffusion.alpha_bar_t[s].double()).sqrt()  # noqa: E731
-    alpha = lambda s: diffusion.alpha_bar_t[s].double().sqrt()        # noqa: E731
-    expected = (sigma(t_prev) / sigma(t) * math.exp(-h) * y.double() + alpha(t_prev) * (1 - math.exp(-2 * h)) * data
-                + sigma(t_prev) * math.sqrt(1 - math.exp(-2 * h)) * z.double())
-    torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=1e-5)
-    deterministic, _ = diffusion.dpm_solver_step(y, t, t_prev, eps, previous, eta=0.0)
-    ode, _ = diffusion.dpm_solver_step(y, t, t_prev, eps, previous)
-    torch.testing.assert_close(deterministic, ode)
-
-
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_dpm_solver_samples_the_data_distribution_with_an_ideal_noise_predictor(eta):
-    """With the exact eps of y_0 ~ N(0.3, 0.5^2), 20 steps of the ODE and of the SDE solver draw from it."""
-    diffusion = GaussianDiffusion(1e-4, 0.02, 400)
-    torch.manual_seed(6)
-    samples = diffusion.sample(GaussianDataNoise(diffusion), torch.zeros(20000, 10), 0.0, (1, 1, 1),
-                               sampler="dpm++2m", steps=20, eta=eta)[0].double()
-    assert samples.mean().item() == pytest.approx(0.3, abs=0.02)
-    assert samples.std().item() == pytest.approx(0.5, abs=0.02)
-
-
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "sigmoid"])
-def test_log_snr_timesteps_descend_from_T_to_zero_without_repeats(schedule):
-    diffusion = GaussianDiffusion(1e-4, 0.02, 400, schedule)
-    for steps in (5, 10, 20, 25):
-        timesteps = diffusion.sampling_timesteps("dpm++2m", steps)
-        assert timesteps[0] == 400 and timesteps[-1] == 0 and timesteps[-2] == 1
-        assert timesteps == sorted(set(timesteps), reverse=True) and len(timesteps) - 1 <= steps
-    assert diffusion.sampling_timesteps("dpm++2m", 10, "time") == list(range(400, -1, -40))
-
-
-@pytest.mark.parametrize("clip", [False, True])
-def test_dpm_solver_samples_are_deterministic_with_composed_guidance(clip):
-    stub = StubNetwork()
-    diffusion = make(stub, timesteps=50, schedule="cosine").diffusion
-    conditions = torch.stack([torch.eye(10)[[3, 3]], torch.eye(10)[[8, 8]]])
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(4)
-        runs.append(diffusion.sample(stub, conditions, 2.0, (1, 2, 2), (0.5, 0.5), "dpm++2m", 8, clip_denoised=clip,
-                                     keep=[0])[0])
-    torch.testing.assert_close(runs[0], runs[1])
-    assert runs[0].shape == (2, 1, 2, 2) and torch.isfinite(runs[0]).all()
-    assert set(stub.calls) == {6}                                     # 2 conditional copies + 1 unconditional
-    if clip:
-        assert runs[0].abs().max() <= 1 + 1e-4

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ema import EMA
+from lab.ema import EMA
 
 
 def small_network():

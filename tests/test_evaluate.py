@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-import evaluate
-import judge
-import metrics
-from checkpoints import network_weights
+from tools import evaluate
+from lab import judge
+from lab import metrics
+from lab.checkpoints import network_weights
 from ddpm import DDPM
-from judge import Classifier, augment, classify, load_classifier, save_classifier
-from metrics import class_accuracy, diversity, frechet_distance, frechet_distance_from_statistics
-from sample_quality import evaluation_data_config
-from train_config import MNIST, TrainConfig
+from lab.judge import Classifier, augment, classify, load_classifier, save_classifier
+from lab.metrics import class_accuracy, diversity, frechet_distance, frechet_distance_from_statistics
+from lab.sample_quality import evaluation_data_config
+from lab.train_config import MNIST, TrainConfig
 from training import resolve_config, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,7 +289,7 @@ def test_missing_classifier_names_the_command_that_trains_it(tiny_run, tmp_path,
     monkeypatch.setattr(judge, "CLASSIFIER_FOLDER", str(tmp_path))
     argv = ["metrics", "--checkpoint", tiny_run["checkpoint"], "--device", "cpu", "--cache-dir", "", "--csv",
             str(tmp_path / "table.csv")]
-    assert "python evaluate.py train-classifier mnist" in cli_error(argv, capsys)
+    assert "python -m tools.evaluate train-classifier mnist" in cli_error(argv, capsys)
 
 
 def test_classifier_for_other_images_is_refused(tiny_run, tmp_path, capsys):
@@ -316,7 +316,7 @@ def test_bad_settings_give_one_line(tiny_run, capsys, extra, fragment):
 
 
 def test_real_process_exits_with_code_2(tmp_path):
-    result = subprocess.run([sys.executable, "evaluate.py", "metrics", "--checkpoint", str(tmp_path / "none.pth")],
+    result = subprocess.run([sys.executable, "-m", "tools.evaluate", "metrics", "--checkpoint", str(tmp_path / "none.pth")],
                             cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith("error:")
@@ -324,7 +324,7 @@ def test_real_process_exits_with_code_2(tmp_path):
 
 
 def test_sampler_study_writes_a_table_per_setting_the_summary_and_the_figure(tiny_run, tmp_path, monkeypatch):
-    import samplers
+    from tools import samplers
     out = str(tmp_path / "study")
     argv = ["--checkpoint", tiny_run["checkpoint"], "--n-per-class", "2", "--device", "cpu", "--cache-dir", "",
             "--guidance", "0", "1", "--out", out, "--only", "ddim10", "dpm++2m10", "dpm++2m10_time"]
@@ -342,7 +342,7 @@ def test_sampler_study_writes_a_table_per_setting_the_summary_and_the_figure(tin
 
 
 def test_sampler_setting_names_carry_spacing_and_stochasticity():
-    import samplers
+    from tools import samplers
     assert samplers.setting_name("ddpm", None, "time") == "ddpm"
     assert samplers.setting_name("dpm++2m", 20, "time") == "dpm++2m20_time"
     assert samplers.setting_name("dpm++2m", 20, "logsnr", 1.0) == "dpm++2m20_sde"

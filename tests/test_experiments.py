@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-import experiments
-from experiments import Evaluation, Study, run_study
+from tools import experiments
+from tools.experiments import Evaluation, Study, run_study
 
 
 def tiny_study(image_folder):

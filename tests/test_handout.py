@@ -15,18 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import grade
-import handout
+from staff import grade
+from staff import handout
 
 REPO = handout.REPO
-MUTANTS_FILE = os.path.join(REPO, "tests", "mutants", "mutants.json")
+MUTANTS_FILE = os.path.join(REPO, "staff", "mutants", "mutants.json")
 MUTANT_KEYS = {"name", "task", "file", "old", "new", "why"}
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 TIMEOUT = 120            # per pytest process of a grading: generous, the machine may be busy
 
 
 def load_mutants() -> list:
-    """The mutants: plausible wrong solutions, each breaking one task (tests/mutants/mutants.json)."""
+    """The mutants: plausible wrong solutions, each breaking one task (staff/mutants/mutants.json)."""
     with open(MUTANTS_FILE, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -65,7 +65,7 @@ def graded_tasks(inventory: dict) -> set:
 
 @pytest.fixture(scope="module")
 def handout_dir(tmp_path_factory):
-    """The handout of the reference, as ``python handout.py --out DIR --include-untracked`` writes it."""
+    """The handout of the reference, as ``python -m staff.handout --out DIR --include-untracked`` writes it."""
     out = str(tmp_path_factory.mktemp("handout") / "handout")
     handout.write_handout(REPO, out, include_untracked=True)   # untracked: a working tree not yet committed
     return out
@@ -159,6 +159,14 @@ def test_stub_keeps_markers_and_raises_the_task_and_fill_restores_crlf_text():
     assert handout.fill_regions(stubbed, reference, "demo.py", tasks=["sheet1-unet"]) == stubbed
 
 
+def test_staff_tools_run_as_modules_from_the_root_and_as_files_from_anywhere(tmp_path):
+    listed = run_in(REPO, "-m", "staff.handout", "--list")
+    assert listed.returncode == 0 and "sheet1-unet:" in listed.stdout, listed.stderr[-2000:]
+    for script in ("handout.py", "grade.py"):
+        result = run_in(str(tmp_path), os.path.join(REPO, "staff", script), "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout, (script, result.stderr[-2000:])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The handout
 # --------------------------------------------------------------------------------------------------------------
@@ -168,8 +176,9 @@ def test_handout_holds_the_code_but_no_results_and_no_staff_files(handout_dir):
     expected = {p for p in handout.repository_files(REPO, include_untracked=True) if handout.is_handed_out(p)}
     assert handed == expected | set(handout.REPLACED)
     assert not any(p.startswith("log_") or p.endswith(".pth") for p in handed)
-    assert not any(p.startswith("tests/mutants/") for p in handed) and "tests/test_handout.py" not in handed
-    assert {"handout.py", "grade.py", "networks/Conditional_UNet.py", "tests/grading/plugin.py"} <= handed
+    assert not any(p.startswith("staff/") for p in handed) and "tests/test_handout.py" not in handed
+    assert not {"tools/bench.py", "tools/gpu_reference.sh", "tools/experiments.py"} & handed
+    assert {"ddpm.py", "training.py", "networks/Conditional_UNet.py", "tests/grading/plugin.py"} <= handed
     classifiers = {p for p in handout.repository_files(REPO) if p.startswith("classifiers/") and p.endswith(".pt")}
     assert classifiers <= handed
 
@@ -177,8 +186,9 @@ def test_handout_holds_the_code_but_no_results_and_no_staff_files(handout_dir):
 def test_handout_readme_and_answers_template(handout_dir):
     readme = handout.read_text(os.path.join(handout_dir, "README.txt"))
     for needle in ("Group members", "pip install -r requirements.txt", "python -m pytest -q tests",
-                   "grade.py .", "What to hand in", "networks/Conditional_UNet.py: ConvBlock layers"):
+                   "How your work is graded", "What to hand in", "networks/Conditional_UNet.py: ConvBlock layers"):
         assert needle in readme
+    assert "grade.py" not in readme and "staff" not in readme, "the grader is not handed out"
     flat = " ".join(readme.split())
     for path, regions in handout.regions_of_repository(REPO).items():
         for region in regions:

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import sample
-import visualize
-from checkpoints import save_checkpoint
-from ddpm import DDPM, GaussianDiffusion
-from generation import generate, load_for_sampling
+from tools import sample
+from tools import visualize
+from lab.checkpoints import save_checkpoint
+from ddpm import DDPM
+from lab.generation import SamplingDDPM, generate, load_for_sampling
 from tests.conftest import StubNetwork
-from train_config import TrainConfig
+from lab.train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, SIZE = 4, 8          # the tiny checkpoint: T = 4 steps, 8x8 grey images, U-Net width 8
@@ -62,8 +62,8 @@ def checkpoint(image_folder, tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("run") / "model_ep1.pth", tiny_config(image_folder))
 
 
-def stub_diffusion():
-    return GaussianDiffusion(n_timesteps=10)
+def stub_diffusion(network, proportions=(1.0,)) -> SamplingDDPM:
+    return SamplingDDPM(network, n_timesteps=10, device="cpu").with_options(proportions)
 
 
 # ---- conditions and weights against the guidance formulas (S1 eq. 5 and composed guidance) ----------------------
@@ -78,8 +78,8 @@ def eps(network, c_vector):
 
 
 def guided(network, conditions, proportions):
-    """GaussianDiffusion.guided_noise of the stub network with guidance weight W."""
-    return stub_diffusion().guided_noise(network, Y, STEP, conditions, W, proportions)
+    """SamplingDDPM.guided_noise of the stub network with guidance weight W."""
+    return stub_diffusion(network, proportions).guided_noise(Y, STEP, conditions, W)
 
 
 def test_class_conditions_are_one_hot_class_fastest_and_follow_equation_5():
@@ -240,7 +240,7 @@ def test_bad_checkpoints_give_one_line(checkpoint, image_folder, tmp_path, capsy
 
 
 def test_sample_script_as_a_process_fails_without_traceback(checkpoint, tmp_path):
-    result = subprocess.run([sys.executable, "sample.py", "--checkpoint", checkpoint, "--mix", "3:0.5,3:0.5",
+    result = subprocess.run([sys.executable, "-m", "tools.sample", "--checkpoint", checkpoint, "--mix", "3:0.5,3:0.5",
                              "--out", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --mix names class 3 twice in '3:0.5,3:0.5'"]

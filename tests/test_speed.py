@@ -6,15 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm import GaussianDiffusion, network_from_config
-from generation import SamplingModel, generate
+from lab.checkpoints import network_from_config
+from lab.generation import SamplingDDPM, generate, sampling_model
 from networks.Conditional_UNet import UNet
-from speed import (CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK, PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine,
-                   cpu_has_native_bf16, path_for_run)
-from train_config import MNIST
+from lab.speed import (CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK, PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine,
+                       cpu_has_native_bf16, path_for_run)
+from lab.train_config import MNIST
 from training import Ranks, build_run, training_step
 
 GEOMETRY = dict(in_channels=1, image_size=28, n_classes=10, n_features=8)
+MNIST_SCHEDULE = dict(beta1=MNIST.beta1, beta2=MNIST.beta2, schedule=MNIST.schedule, drop_prob=MNIST.drop_prob,
+                      loss=MNIST.loss)
 
 
 def machine(device_type="cpu", capability="AVX2", bf16=False, gpu=""):
@@ -119,7 +121,7 @@ def test_generate_samples_in_the_models_chunks_by_default():
         calls.append(len(x))
         return network(x, t, c)
 
-    model = SamplingModel(GaussianDiffusion(n_timesteps=10), counting, GEOMETRY, chunk_size=4)
+    model = sampling_model(counting, dict(MNIST_SCHEDULE, **GEOMETRY, timesteps=10), torch.device("cpu"), chunk_size=4)
     conditions = F.one_hot(torch.arange(10) % 10, 10).float()
     with torch.no_grad():
         images, _ = generate(model, conditions, 1.0, sampler="ddim", steps=2)
@@ -158,7 +160,7 @@ def test_precision_flag_overrides_the_machines_choice():
 
 
 def test_precision_studies_compare_both_precisions_over_the_same_seeds():
-    from experiments import STUDIES
+    from tools.experiments import STUDIES
     from training import resolve_config
     for name in ("precision-mnist", "precision-cifar10"):
         study = STUDIES[name]
@@ -175,14 +177,15 @@ def test_guided_noise_with_a_shared_encoder_equals_the_repeated_batch():
     assert fast.copies is not None and FastInference(network, FastPath()).copies is None
     seen = []
     fast.network.init_conv.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
-    diffusion = GaussianDiffusion(n_timesteps=10)
     y = torch.randn(3, 1, 28, 28)
     conditions = torch.stack([torch.eye(10)[[1, 2, 3]], torch.eye(10)[[4, 5, 6]]])
     with torch.no_grad():
         for w, proportions in ((2.0, (0.5, 0.5)), (0.0, (0.5, 0.5))):
-            expected = diffusion.guided_noise(network, y, 7, conditions, w, proportions)
+            expected = SamplingDDPM(network, n_timesteps=10, device="cpu").with_options(proportions).guided_noise(
+                y, 7, conditions, w)
             seen.clear()
-            result = diffusion.guided_noise(fast, y, 7, conditions, w, proportions)
+            result = SamplingDDPM(fast, n_timesteps=10, device="cpu").with_options(proportions).guided_noise(
+                y, 7, conditions, w)
             assert seen == [3]                                    # not 9 (w != 0) or 6 (w = 0)
             torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
 

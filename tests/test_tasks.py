@@ -1,11 +1,11 @@
-"""Graded tests of the diffusion tasks of ddpm.py and training.py (grade.py), one task per test.
+"""Graded tests of the diffusion tasks of ddpm.py and training.py (staff/grade.py), one task per test.
 
 Each test grades one task and is independent of every other task's solution: in the handout, where every solution
 region raises NotImplementedError, a test stops at the stub of its own task. So a test calls the code it grades
-first, builds its expected values from formulas written here, and replaces the other tasks' functions by the
-closed forms of this file (``monkeypatch``): the schedule terms of ``ddpm_schedule`` come from ``terms_of`` below,
-the forward process, the noise loss, the guided noise and the reverse step from the ``*_by_hand`` functions.
-The noise predictor is the stub of tests/conftest.py, eps(y, t, c) = 0.5 y + t + c . k with k = 1..n_classes.
+first, builds its expected values from formulas written here, and replaces the other tasks' methods by the
+closed forms of this file (``monkeypatch``): the schedule terms of ``DDPM.ddpm_schedule`` come from ``terms_of``
+below, ``q_sample``, ``p_losses``, ``guided_noise`` and ``p_sample`` from the ``*_by_hand`` functions.
+The DDPM's noise predictor is the stub of tests/conftest.py, eps(y, t, c) = 0.5 y + t + c . k with k = 1..n_classes.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import torch
 
 import ddpm
 import training
-from ddpm import GaussianDiffusion
-from generation import SamplingModel
-from image_data import ImageSet
+from ddpm import DDPM
+from lab.generation import sampling_model
+from lab.image_data import ImageSet
+from lab.train_config import TrainConfig
 from tests.conftest import StubNetwork
-from train_config import TrainConfig
 
 SCHEDULE_KEYS = {"sqrt_beta_t", "alpha_t", "alpha_bar_t", "one_over_sqrt_alpha_t", "sqrt_alpha_bar_t",
                  "sqrt_one_minus_alpha_bar_t", "one_minus_alpha_t_over_sqrt_1_minus_alpha_bar_t"}
@@ -47,15 +47,23 @@ def terms_of(betas: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 
 def linear_terms(beta1: float, beta2: float, n_timesteps: int, schedule: str = "linear") -> Dict[str, torch.Tensor]:
-    """Stands in for ``ddpm.ddpm_schedule``: the terms of the linear schedule beta1..beta2 (T values)."""
+    """Stands in for ``DDPM.ddpm_schedule``: the terms of the linear schedule beta1..beta2 (T values)."""
     return terms_of(torch.linspace(beta1, beta2, n_timesteps, dtype=torch.float64))
 
 
-def diffusion_with_hand_schedule(monkeypatch, n_timesteps: int, beta1: float = 1e-4,
-                                 beta2: float = 0.02) -> GaussianDiffusion:
-    """A GaussianDiffusion whose schedule terms come from ``terms_of`` (not from the student's ddpm_schedule)."""
-    monkeypatch.setattr(ddpm, "ddpm_schedule", linear_terms)
-    return GaussianDiffusion(beta1, beta2, n_timesteps)
+def use_hand_schedule(monkeypatch) -> None:
+    """Make every DDPM built from now on take its schedule terms from ``terms_of`` (not the student's
+    ddpm_schedule)."""
+    monkeypatch.setattr(DDPM, "ddpm_schedule", staticmethod(linear_terms))
+
+
+def ddpm_with_hand_schedule(monkeypatch, n_timesteps: int, beta1: float = 1e-4, beta2: float = 0.02,
+                            network=None, **kwargs) -> DDPM:
+    """A DDPM on the CPU around ``network`` (default: the stub) whose schedule terms come from ``terms_of``;
+    ``kwargs`` go to DDPM (drop_prob, loss_type)."""
+    use_hand_schedule(monkeypatch)
+    network = StubNetwork() if network is None else network
+    return DDPM(network, beta1, beta2, n_timesteps, device="cpu", **kwargs)
 
 
 def column(values: torch.Tensor, t) -> torch.Tensor:
@@ -81,18 +89,31 @@ def reverse_step_by_hand(terms, y, t, eps, z):
     return (mean + torch.sqrt(beta) * z.double()).float()
 
 
-def use_hand_forward_process(monkeypatch) -> None:
-    """Replace ``diffuse`` (sheet2-q-sample) and ``noise_prediction_loss`` (sheet2-p-losses) by the closed forms."""
-    def diffuse(self, y0, t, noise):
-        return diffuse_by_hand(dict(self.named_buffers()), y0, t, noise)
+def q_sample_by_hand(self, y0, t, noise=None):
+    """Stands in for ``DDPM.q_sample`` (sheet2-q-sample): eq. 3 with the DDPM's schedule terms."""
+    noise = torch.randn_like(y0) if noise is None else noise
+    return diffuse_by_hand(dict(self.named_buffers()), y0, t, noise)
 
-    def noise_prediction_loss(self, network, y0, t, c, noise, loss_type):
+
+def use_hand_q_sample(monkeypatch) -> None:
+    monkeypatch.setattr(DDPM, "q_sample", q_sample_by_hand)
+
+
+def use_hand_forward_process(monkeypatch) -> None:
+    """Replace ``q_sample`` (sheet2-q-sample) and ``p_losses`` (sheet2-p-losses) by the closed forms."""
+    def p_losses(self, y0, t, c, noise=None, loss_type="l2"):
+        noise = torch.randn_like(y0) if noise is None else noise
         y_t = diffuse_by_hand(dict(self.named_buffers()), y0, t, noise)
-        predicted = network(y_t, (t.float() / self.n_timesteps).view(-1, 1, 1, 1), c).float()
+        predicted = self.nn_model(y_t, (t.float() / self.n_timesteps).view(-1, 1, 1, 1), c).float()
         return noise_loss_by_hand(predicted, noise, loss_type)
 
-    monkeypatch.setattr(GaussianDiffusion, "diffuse", diffuse)
-    monkeypatch.setattr(GaussianDiffusion, "noise_prediction_loss", noise_prediction_loss)
+    use_hand_q_sample(monkeypatch)
+    monkeypatch.setattr(DDPM, "p_losses", p_losses)
+
+
+def use_guided_noise(monkeypatch, guided) -> None:
+    """Replace ``guided_noise`` (sheet2-guidance) by ``guided(y_t, t, c, w)``."""
+    monkeypatch.setattr(DDPM, "guided_noise", lambda self, y_t, t, c, w: guided(y_t, t, c, w))
 
 
 class RecordingStub(StubNetwork):
@@ -205,21 +226,21 @@ def test_schedule_terms_follow_any_betas(monkeypatch):
 
 @pytest.mark.task("sheet2-q-sample")
 def test_q_sample_is_the_closed_form_of_eq_3(monkeypatch):
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 400)
+    model = ddpm_with_hand_schedule(monkeypatch, 400)
     torch.manual_seed(0)
     y0, noise = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
     t = torch.tensor([1, 2, 100, 399, 400])
-    result = diffusion.q_sample(y0, t, noise)
+    result = model.q_sample(y0, t, noise)
     torch.testing.assert_close(result, diffuse_by_hand(linear_terms(1e-4, 0.02, 400), y0, t, noise))
 
 
 @pytest.mark.task("sheet2-q-sample")
 def test_q_sample_noise_level_grows_with_t(monkeypatch):
     """With few steps and large betas: y_1 is nearly y_0, y_T is dominated by the noise, one timestep per image."""
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 4, beta1=0.1, beta2=0.9)
+    model = ddpm_with_hand_schedule(monkeypatch, 4, beta1=0.1, beta2=0.9)
     y0, noise = torch.full((4, 1, 2, 2), 2.0), torch.full((4, 1, 2, 2), -1.0)
     t = torch.tensor([4, 1, 3, 2])
-    result = diffusion.q_sample(y0, t, noise)
+    result = model.q_sample(y0, t, noise)
     terms = linear_terms(0.1, 0.9, 4)
     for row, step in enumerate(t.tolist()):
         a = terms["alpha_bar_t"][step].double()
@@ -235,14 +256,13 @@ def test_q_sample_noise_level_grows_with_t(monkeypatch):
 @pytest.mark.task("sheet2-p-losses")
 @pytest.mark.parametrize("loss_type", ["l2", "l1"])
 def test_p_losses_against_hand_computation(monkeypatch, loss_type):
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 20, beta1=0.01, beta2=0.2)
-    monkeypatch.setattr(GaussianDiffusion, "diffuse",
-                        lambda self, y0, t, noise: diffuse_by_hand(dict(self.named_buffers()), y0, t, noise))
     stub = StubNetwork()
+    model = ddpm_with_hand_schedule(monkeypatch, 20, beta1=0.01, beta2=0.2, network=stub)
+    use_hand_q_sample(monkeypatch)
     torch.manual_seed(0)
     y0, noise = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
     t, c = torch.tensor([1, 5, 10, 20]), torch.eye(10)[[3, 0, 9, 4]]
-    loss = diffusion.p_losses(stub, y0, t, c, noise, loss_type=loss_type)
+    loss = model.p_losses(y0, t, c, noise, loss_type=loss_type)
     y_t = diffuse_by_hand(linear_terms(0.01, 0.2, 20), y0, t, noise)
     expected = noise_loss_by_hand(stub.expected(y_t, (t / 20).view(-1, 1, 1, 1), c), noise, loss_type)
     assert loss.dim() == 0 and loss.requires_grad      # a scalar that trains the network
@@ -251,14 +271,13 @@ def test_p_losses_against_hand_computation(monkeypatch, loss_type):
 
 @pytest.mark.task("sheet2-p-losses")
 def test_a_perfect_noise_prediction_has_zero_loss(monkeypatch):
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 10, beta1=0.01, beta2=0.2)
-    monkeypatch.setattr(GaussianDiffusion, "diffuse",
-                        lambda self, y0, t, noise: diffuse_by_hand(dict(self.named_buffers()), y0, t, noise))
     torch.manual_seed(1)
     y0, noise = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
     oracle = lambda y_t, t, c: noise.clone()        # noqa: E731 (predicts exactly the noise that was added)
+    model = ddpm_with_hand_schedule(monkeypatch, 10, beta1=0.01, beta2=0.2, network=oracle)
+    use_hand_q_sample(monkeypatch)
     for loss_type in ("l2", "l1"):
-        loss = diffusion.p_losses(oracle, y0, torch.tensor([1, 4, 10]), torch.eye(10)[:3], noise, loss_type)
+        loss = model.p_losses(y0, torch.tensor([1, 4, 10]), torch.eye(10)[:3], noise, loss_type)
         assert loss.item() == pytest.approx(0.0, abs=1e-7), loss_type
 
 
@@ -266,18 +285,21 @@ def test_a_perfect_noise_prediction_has_zero_loss(monkeypatch):
 # sheet1-algorithm1
 # ----------------------------------------------------------------------------------------------------------------
 
-def algorithm1_setup(monkeypatch, n_timesteps, beta1=0.01, beta2=0.2):
-    diffusion = diffusion_with_hand_schedule(monkeypatch, n_timesteps, beta1, beta2)
+def algorithm1_setup(monkeypatch, n_timesteps, drop_prob=0.1, loss_type="l2", beta1=0.01, beta2=0.2):
+    """A DDPM around the recording stub, with the closed forms of q_sample and p_losses."""
+    stub = RecordingStub()
+    model = ddpm_with_hand_schedule(monkeypatch, n_timesteps, beta1, beta2, network=stub, drop_prob=drop_prob,
+                                    loss_type=loss_type)
     use_hand_forward_process(monkeypatch)
-    return diffusion, RecordingStub()
+    return model, stub
 
 
 @pytest.mark.task("sheet1-algorithm1")
 def test_training_draws_t_uniformly_from_1_to_T_never_0(monkeypatch):
-    diffusion, stub = algorithm1_setup(monkeypatch, 4)
+    model, stub = algorithm1_setup(monkeypatch, 4, drop_prob=0.0)
     torch.manual_seed(0)
     n = 8000
-    diffusion.training_loss(stub, torch.randn(n, 1, 1, 1), torch.eye(10)[torch.zeros(n, dtype=torch.long)], 0.0)
+    model(torch.randn(n, 1, 1, 1), torch.eye(10)[torch.zeros(n, dtype=torch.long)])
     _, t_fraction, _ = stub.all_inputs()
     assert t_fraction.shape == (n,)
     counts = torch.bincount((t_fraction * 4).round().long(), minlength=5)
@@ -287,11 +309,11 @@ def test_training_draws_t_uniformly_from_1_to_T_never_0(monkeypatch):
 
 @pytest.mark.task("sheet1-algorithm1")
 def test_training_zeroes_about_drop_prob_of_the_class_vectors_and_keeps_the_others(monkeypatch):
-    diffusion, stub = algorithm1_setup(monkeypatch, 10)
+    model, stub = algorithm1_setup(monkeypatch, 10, drop_prob=0.1)
     torch.manual_seed(0)
     n = 20_000
     c = torch.rand(n, 10) + 0.1          # real-valued class vectors: every entry non-zero
-    diffusion.training_loss(stub, torch.randn(n, 1, 1, 1), c, 0.1)
+    model(torch.randn(n, 1, 1, 1), c)
     _, _, seen = stub.all_inputs()
     assert seen.shape == c.shape
     dropped = (seen == 0).all(dim=1)
@@ -302,10 +324,10 @@ def test_training_zeroes_about_drop_prob_of_the_class_vectors_and_keeps_the_othe
 @pytest.mark.task("sheet1-algorithm1")
 @pytest.mark.parametrize("drop_prob, dropped", [(0.0, 0), (1.0, 200)])
 def test_training_drop_probability_0_keeps_and_1_drops_every_class_vector(monkeypatch, drop_prob, dropped):
-    diffusion, stub = algorithm1_setup(monkeypatch, 10)
+    model, stub = algorithm1_setup(monkeypatch, 10, drop_prob=drop_prob)
     torch.manual_seed(0)
     c = torch.eye(10)[torch.arange(200) % 10]
-    diffusion.training_loss(stub, torch.randn(200, 1, 1, 1), c, drop_prob)
+    model(torch.randn(200, 1, 1, 1), c)
     _, _, seen = stub.all_inputs()
     assert int((seen == 0).all(dim=1).sum()) == dropped
 
@@ -315,12 +337,12 @@ def test_training_drop_probability_0_keeps_and_1_drops_every_class_vector(monkey
 def test_training_loss_is_the_noise_loss_of_its_draws(monkeypatch, loss_type):
     """The loss is p_losses' for the drawn t, eps ~ N(0, I) and (possibly zeroed) c, all read off the network's
     inputs: eps = (y_t - sqrt(alpha_bar_t) y_0) / sqrt(1 - alpha_bar_t)."""
-    diffusion, stub = algorithm1_setup(monkeypatch, 10)
+    model, stub = algorithm1_setup(monkeypatch, 10, drop_prob=0.3, loss_type=loss_type)
     torch.manual_seed(3)
     n = 128
     y0 = torch.rand(n, 1, 4, 4) * 2 - 1
     c = torch.eye(10)[torch.arange(n) % 10]
-    loss = diffusion.training_loss(stub, y0, c, 0.3, loss_type)
+    loss = model(y0, c)
     assert loss.dim() == 0 and loss.requires_grad
     assert len(stub.inputs) == 1, "Algorithm 1 evaluates the network once, on the whole batch"
     y_t, t_fraction, seen = stub.all_inputs()
@@ -348,11 +370,11 @@ def test_classifier_free_guidance_is_equation_5():
 @pytest.mark.task("sheet2-guidance")
 @pytest.mark.parametrize("w", [2.0, 0.5])
 def test_guided_noise_puts_the_null_class_in_one_doubled_network_call(monkeypatch, w):
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 50)
     stub = StubNetwork()
+    model = ddpm_with_hand_schedule(monkeypatch, 50, network=stub)
     torch.manual_seed(0)
     y, c = torch.randn(3, 1, 2, 2), torch.eye(10)[[2, 5, 9]]
-    guided = diffusion.guided_noise(stub, y, 17, c, w)
+    guided = model.guided_noise(y, 17, c, w)
     expected = (1 + w) * stub.expected(y, 17 / 50, c) - w * stub.expected(y, 17 / 50, torch.zeros_like(c))
     torch.testing.assert_close(guided, expected)
     assert stub.calls == [6], "conditional and unconditional copies in one call of twice the batch"
@@ -364,11 +386,11 @@ def test_guided_noise_puts_the_null_class_in_one_doubled_network_call(monkeypatc
 
 @pytest.mark.task("sheet2-guidance")
 def test_guided_noise_without_guidance_skips_the_unconditional_copy(monkeypatch):
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 50)
     stub = StubNetwork()
+    model = ddpm_with_hand_schedule(monkeypatch, 50, network=stub)
     torch.manual_seed(0)
     y, c = torch.randn(2, 1, 2, 2), torch.eye(10)[[1, 4]]
-    guided = diffusion.guided_noise(stub, y, 30, c, 0.0)
+    guided = model.guided_noise(y, 30, c, 0.0)
     torch.testing.assert_close(guided, stub.expected(y, 30 / 50, c))
     assert stub.calls == [2], "with w = 0 the unconditional term has weight 0: its copy is left out"
 
@@ -380,11 +402,13 @@ def test_guided_noise_without_guidance_skips_the_unconditional_copy(monkeypatch)
 @pytest.mark.task("sheet2-p-sample")
 @pytest.mark.parametrize("t", [2, 17, 50])
 def test_reverse_step_is_equation_4(monkeypatch, t):
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 50)
+    """p_sample is eq. 4 with the guided noise (here a given eps standing in for guided_noise)."""
+    model = ddpm_with_hand_schedule(monkeypatch, 50)
     torch.manual_seed(0)
     y, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    use_guided_noise(monkeypatch, lambda y_t, step, c, w: eps.clone())
     torch.manual_seed(1)
-    result = diffusion.ancestral_step(y, t, eps)
+    result = model.p_sample(y, t, torch.eye(10)[[2, 5, 9]], 1.0)
     torch.manual_seed(1)
     z = torch.randn_like(y)
     torch.testing.assert_close(result, reverse_step_by_hand(linear_terms(1e-4, 0.02, 50), y, t, eps, z))
@@ -392,11 +416,13 @@ def test_reverse_step_is_equation_4(monkeypatch, t):
 
 @pytest.mark.task("sheet2-p-sample")
 def test_last_reverse_step_adds_no_noise(monkeypatch):
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 50)
+    model = ddpm_with_hand_schedule(monkeypatch, 50)
     torch.manual_seed(0)
     y, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
-    first = diffusion.ancestral_step(y, 1, eps)
-    second = diffusion.ancestral_step(y, 1, eps)
+    use_guided_noise(monkeypatch, lambda y_t, step, c, w: eps.clone())
+    c = torch.eye(10)[[2, 5, 9]]
+    first = model.p_sample(y, 1, c, 1.0)
+    second = model.p_sample(y, 1, c, 1.0)
     torch.testing.assert_close(first, second)
     expected = reverse_step_by_hand(linear_terms(1e-4, 0.02, 50), y, 1, eps, torch.zeros_like(y))
     torch.testing.assert_close(first, expected)
@@ -405,13 +431,12 @@ def test_last_reverse_step_adds_no_noise(monkeypatch):
 @pytest.mark.task("sheet2-p-sample")
 def test_p_sample_steps_with_the_guided_noise(monkeypatch):
     """p_sample: eq. 4 with the guided noise of eq. 5 (here a closed form standing in for guided_noise)."""
-    diffusion = diffusion_with_hand_schedule(monkeypatch, 50)
-    guided = lambda self, network, y_t, t, c, w, proportions=(1.0,): (1 + w) * y_t - w * t  # noqa: E731
-    monkeypatch.setattr(GaussianDiffusion, "guided_noise", guided)
+    model = ddpm_with_hand_schedule(monkeypatch, 50)
+    use_guided_noise(monkeypatch, lambda y_t, t, c, w: (1 + w) * y_t - w * t)
     torch.manual_seed(0)
     y, c = torch.randn(3, 1, 2, 2), torch.eye(10)[[2, 5, 9]]
     torch.manual_seed(4)
-    result = diffusion.p_sample(StubNetwork(), y, 23, c, 1.5)
+    result = model.p_sample(y, 23, c, 1.5)
     torch.manual_seed(4)
     z = torch.randn_like(y)
     expected = reverse_step_by_hand(linear_terms(1e-4, 0.02, 50), y, 23, 2.5 * y - 1.5 * 23, z)
@@ -423,30 +448,25 @@ def test_p_sample_steps_with_the_guided_noise(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 class LoopRecorder:
-    """Stands in for guided_noise (one network call, (1 + w) eps(y_t, t, c)) and ancestral_step (eq. 4 by hand,
-    z ~ N(0, I) for t > 1) and records the timesteps and states they are called with."""
+    """Stands in for p_sample: one network call for the noise (1 + w) eps(y_t, t, c), then eq. 4 by hand with
+    z ~ N(0, I) for t > 1; records the timesteps and states it is called with."""
 
     def __init__(self, terms):
         self.terms = terms
-        self.guided_steps: List[int] = []
-        self.reverse_steps: List[int] = []
+        self.steps: List[int] = []
         self.states: List[torch.Tensor] = []
 
     def install(self, monkeypatch) -> None:
         recorder = self
 
-        def guided_noise(self, network, y_t, t, conditions, w, proportions=(1.0,)):
-            recorder.guided_steps.append(t)
+        def p_sample(self, y_t, t, c, g_weight):
+            recorder.steps.append(t)
             recorder.states.append(y_t.clone())
-            return (1 + w) * network(y_t, torch.full((len(y_t), 1, 1, 1), t / self.n_timesteps), conditions)
-
-        def ancestral_step(self, y_t, t, predicted_noise):
-            recorder.reverse_steps.append(t)
+            eps = (1 + g_weight) * self.nn_model(y_t, torch.full((len(y_t), 1, 1, 1), t / self.n_timesteps), c)
             z = torch.randn_like(y_t) if t > 1 else torch.zeros_like(y_t)
-            return reverse_step_by_hand(recorder.terms, y_t, t, predicted_noise, z)
+            return reverse_step_by_hand(recorder.terms, y_t, t, eps, z)
 
-        monkeypatch.setattr(GaussianDiffusion, "guided_noise", guided_noise)
-        monkeypatch.setattr(GaussianDiffusion, "ancestral_step", ancestral_step)
+        monkeypatch.setattr(DDPM, "p_sample", p_sample)
 
 
 def algorithm2_by_hand(terms, stub, n_timesteps, conditions, w, size, seed) -> Dict[int, torch.Tensor]:
@@ -465,17 +485,16 @@ def algorithm2_by_hand(terms, stub, n_timesteps, conditions, w, size, seed) -> D
 @pytest.mark.task("sheet1-algorithm2")
 def test_sampling_loop_is_algorithm_2(monkeypatch):
     T, size, w = 12, (1, 2, 2), 1.5
-    diffusion = diffusion_with_hand_schedule(monkeypatch, T, beta1=0.01, beta2=0.2)
+    stub = StubNetwork()
+    model = ddpm_with_hand_schedule(monkeypatch, T, beta1=0.01, beta2=0.2, network=stub)
     terms = linear_terms(0.01, 0.2, T)
     recorder = LoopRecorder(terms)
     recorder.install(monkeypatch)
-    stub = StubNetwork()
     conditions = torch.eye(10)[[1, 4, 7]]
     torch.manual_seed(5)
-    y0, _ = diffusion.sample(stub, conditions, w, size, progress=False)
+    y0, _ = model.sample(size=size, g_weight=w, conditions=conditions)
     expected = algorithm2_by_hand(terms, stub, T, conditions, w, size, seed=5)
-    assert recorder.guided_steps == list(range(T, 0, -1)), "one guided noise per step t = T, ..., 1"
-    assert recorder.reverse_steps == list(range(T, 0, -1)), "one reverse step per step t = T, ..., 1"
+    assert recorder.steps == list(range(T, 0, -1)), "one reverse step (p_sample) per step t = T, ..., 1"
     assert stub.calls == [3] * T, "one network call per step"
     torch.testing.assert_close(recorder.states[0], expected[T])     # y_T ~ N(0, I) under the seed
     assert tuple(y0.shape) == (3,) + size
@@ -486,13 +505,13 @@ def test_sampling_loop_is_algorithm_2(monkeypatch):
 @pytest.mark.parametrize("keep", [(12, 5, 0), (), tuple(range(12, -1, -1))])
 def test_sampling_loop_returns_the_frames_asked_for(monkeypatch, keep):
     T, size, w = 12, (1, 2, 2), 0.5
-    diffusion = diffusion_with_hand_schedule(monkeypatch, T, beta1=0.01, beta2=0.2)
+    stub = StubNetwork()
+    model = ddpm_with_hand_schedule(monkeypatch, T, beta1=0.01, beta2=0.2, network=stub)
     terms = linear_terms(0.01, 0.2, T)
     LoopRecorder(terms).install(monkeypatch)
-    stub = StubNetwork()
     conditions = torch.eye(10)[[0, 9]]
     torch.manual_seed(11)
-    y0, frames = diffusion.sample(stub, conditions, w, size, keep=keep, progress=False)
+    y0, frames = model.sample(size=size, g_weight=w, conditions=conditions, keep=keep)
     expected = algorithm2_by_hand(terms, stub, T, conditions, w, size, seed=11)
     assert frames.shape == (len(keep), 2) + size
     for frame, s in zip(frames, sorted(keep, reverse=True)):
@@ -509,12 +528,12 @@ TEST_LOOP_T = 20
 
 def make_test_loop(monkeypatch, loss_type="l2", eval_timesteps=5):
     """A SamplingModel around the recording stub, 10 test images (labels 0..9, one each) and the config."""
-    diffusion = diffusion_with_hand_schedule(monkeypatch, TEST_LOOP_T, beta1=0.01, beta2=0.2)
+    use_hand_schedule(monkeypatch)
     use_hand_forward_process(monkeypatch)
     stub = RecordingStub()
     config = TrainConfig.for_dataset("mnist", timesteps=TEST_LOOP_T, eval_timesteps=eval_timesteps,
-                                     loss=loss_type, image_size=4)
-    model = SamplingModel(diffusion, stub, dataclasses.asdict(config))
+                                     loss=loss_type, image_size=4, beta1=0.01, beta2=0.2)
+    model = sampling_model(stub, dataclasses.asdict(config), torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (10, 1, 4, 4), generator=generator, dtype=torch.uint8)
     test_set = ImageSet(images, torch.tensor([3, 1, 4, 0, 5, 9, 2, 6, 8, 7]), [str(k) for k in range(10)])

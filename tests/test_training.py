@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import training
-from checkpoints import load_checkpoint
-from ddpm import DDPM, GaussianDiffusion
+from lab.checkpoints import load_checkpoint
+from ddpm import DDPM
 from train_mnist import MNIST
 from training import resolve_config, train
 
@@ -170,8 +170,7 @@ def test_missing_and_empty_image_folders(tmp_path, capsys):
 
 
 def test_missing_builtin_dataset_names_the_path(tmp_path, monkeypatch):
-    import image_data
-
+    from lab import image_data
     class Offline:
         def __init__(self, root, train, download):
             raise RuntimeError("Dataset not found.") if not download else OSError("no network")
@@ -207,16 +206,16 @@ def test_non_finite_loss_stops_with_epoch_and_step(image_folder, tmp_path, monke
     out = tmp_path / "run"
     training.main(MNIST, "test", tiny_argv(image_folder, out))
     before = (out / "model_ep1.pth").read_bytes()
-    monkeypatch.setattr(GaussianDiffusion, "training_loss",
-                        lambda self, network, y, c, *settings: network(y, torch.zeros(len(y)), c).sum() * float("nan"))
+    monkeypatch.setattr(DDPM, "forward",
+                        lambda self, y, c: self.nn_model(y, torch.zeros(len(y)), c).sum() * float("nan"))
     error = run_cli(tiny_argv(image_folder, out, "--resume", "auto", "--epochs", "2"), capsys)
     assert "epoch 2, step 1" in error
     assert (out / "model_ep1.pth").read_bytes() == before
 
 
 def test_real_examples_are_class_fastest_and_fill_missing_classes():
-    from image_data import ImageSet
-    from run_files import real_examples
+    from lab.image_data import ImageSet
+    from lab.run_files import real_examples
     images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 2).clone()
     image_set = ImageSet(images, torch.tensor([0, 1, 0, 2, 1, 0]), list("abcd"))
     values = ((real_examples(image_set, 2, 4)[:, 0, 0, 0] + 1) * 127.5).round().tolist()
@@ -224,6 +223,6 @@ def test_real_examples_are_class_fastest_and_fill_missing_classes():
 
 
 def test_a_subset_of_an_image_folder_holds_every_class(image_folder):
-    from image_data import load_image_folder
+    from lab.image_data import load_image_folder
     first = load_image_folder(image_folder, 1, 28).first(20)
     assert len(first.labels.unique()) >= 8    # folders are listed class by class; the loader shuffles them

@@ -3,7 +3,7 @@ it makes after each epoch. Named with the 1-based epoch E:
 
     image_ep{E}_w{w}.png   4 generated rows (one class per column) above 4 rows of real images
     gif_ep{E}_w{w}.gif     the reverse process of those samples
-    model_ep{E}.pth        a resumable checkpoint (see checkpoints.py), written atomically
+    model_ep{E}.pth        a resumable checkpoint (see lab/checkpoints.py), written atomically
     loss.csv, loss.png     mean train loss and test loss per epoch; test_loss_by_t.png, test loss against t
 
 An output folder that holds another run is never written into without --overwrite: a new run then writes to a
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from lab.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm import class_grid_labels
-from generation import SamplingModel, animation_states, generate
-from image_data import ImageSet, to_model_scale
-from train_config import TrainConfig
+from lab.generation import SamplingModel, animation_states, generate
+from lab.image_data import ImageSet, to_model_scale
+from lab.train_config import TrainConfig
 
 CHECKPOINT_NAME = re.compile(r"^model_ep(\d+)(?:_step(\d+))?\.pth$")
 RUNS_FOLDER = "runs"          # beside --out: fresh run folders, when --out holds another run (git-ignored)
@@ -212,5 +212,5 @@ def sample_grid(model: SamplingModel, config: TrainConfig, w: float):
         return generate(model, F.one_hot(labels, config.n_classes).float(), w, sampler=config.sampler,
                         steps=config.sample_steps, eta=config.eta, clip_denoised=config.clip_denoised,
                         spacing=config.spacing, seed=config.seed,
-                        keep=animation_states(model.diffusion, config.sampler, config.sample_steps,
+                        keep=animation_states(model.ddpm, config.sampler, config.sample_steps,
                                                  config.spacing))

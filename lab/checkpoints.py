@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from networks.Conditional_UNet import UNet
+
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "config", "losses")
 MODEL_KEYS = ("in_channels", "image_size", "n_features", "n_classes", "timesteps", "beta1", "beta2", "schedule",
               "drop_prob", "loss")
@@ -85,3 +87,23 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], keys=MODE
     """Human-readable 'name: saved X, now Y' for every model setting that differs."""
     return [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
             for key in keys if saved.get(key) != current.get(key)]
+
+
+def network_from_config(config: dict[str, Any]) -> UNet:
+    """A new U-Net of the size a training config describes (in_channels, n_features, n_classes, image_size)."""
+    return UNet(config["in_channels"], config["n_features"], config["n_classes"], config["image_size"])
+
+
+def load_network(path: str, weights: str = "ema") -> tuple[UNet, dict[str, Any]]:
+    """The U-Net of a training checkpoint with its weights ('ema' when kept, or 'raw'), and the run's config.
+
+    Reads the file once; raises ``CheckpointError`` naming the path and the reason.
+    """
+    checkpoint = load_checkpoint(path)
+    network = network_from_config(checkpoint["config"])
+    try:
+        network.load_state_dict(network_weights(checkpoint, weights))
+    except RuntimeError as error:  # missing, unexpected or mis-shaped weights
+        raise CheckpointError(f"{path}: the weights do not fit the model its config describes "
+                              f"({str(error).splitlines()[0][:200]})") from None
+    return network, checkpoint["config"]

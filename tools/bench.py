@@ -1,10 +1,10 @@
 """Measure training and sampling throughput (images/s), the plain path and the fast path side by side.
 
-    python bench.py            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, 3 rounds
-    python bench.py --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
-    python bench.py --compile  # also torch.compile, on CUDA also CUDA graphs (warm-up excluded from the timing)
-    python bench.py --devices cuda --configs cifar10 --batch-sizes 128 256 512 --compile     # on a GPU
-    python bench.py --complete # time complete sampling runs instead of scaling a few timed steps
+    python tools/bench.py            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, 3 rounds
+    python tools/bench.py --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
+    python tools/bench.py --compile  # also torch.compile, on CUDA also CUDA graphs (warm-up excluded from the timing)
+    python tools/bench.py --devices cuda --configs cifar10 --batch-sizes 128 256 512 --compile     # on a GPU
+    python tools/bench.py --complete # time complete sampling runs instead of scaling a few timed steps
 
 Training: full steps of the real training loop (``training.training_step``: forward, loss, backward, Adam, EMA)
 on batches drawn from an in-memory uint8 tensor on the device, after warm-up. Sampling: ``DDPM.sample`` for
@@ -16,6 +16,7 @@ round is reported, so that a load change on the machine hits both alike. The las
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -25,11 +26,12 @@ import torch
 
 import torch.nn.functional as F
 
-from cli import OneLineParser, add_guidance_flag, tool_flags
-from ddpm import GaussianDiffusion, class_grid_labels, network_from_config
-from generation import SamplingModel, generate
-from speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, cpu_model
-from train_config import GEOMETRY, MNIST
+from ddpm import class_grid_labels
+from lab.checkpoints import network_from_config
+from lab.cli import OneLineParser, add_guidance_flag, tool_flags
+from lab.generation import SamplingModel, generate, sampling_model
+from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, cpu_model
+from lab.train_config import GEOMETRY, MNIST, SCRIPT_DEFAULTS
 from training import Ranks, build_run, training_step
 
 CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("cifar10", 64)}
@@ -94,21 +96,24 @@ def untrained_network(dataset: str, n_features: int, device: torch.device, path:
     return network if path == FastPath() else FastInference(network, path)
 
 
+def benchmark_model(dataset: str, n_features: int, device: torch.device, path: FastPath,
+                    chunk_size: int) -> SamplingModel:
+    """``untrained_network`` in a DDPM with the script's schedule, sampling ``chunk_size`` images per call."""
+    config = dict(dataclasses.asdict(SCRIPT_DEFAULTS[dataset]), **GEOMETRY[dataset], n_features=n_features)
+    return sampling_model(untrained_network(dataset, n_features, device, path), config, device, chunk_size)
+
+
 def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, per_class: int,
                     sampler: str, steps: int, guidance: float):
     """Like ``training_rounds`` for one guided sampling run of ``per_class`` images per class with ``steps`` steps
     of ``sampler`` and guidance weight ``guidance`` (w = 0 needs no unconditional half); each round yields
     images/s."""
-    geometry = GEOMETRY[dataset]
-    network = untrained_network(dataset, n_features, device, path)
-    diffusion = GaussianDiffusion().to(device)
     labels = class_grid_labels(range(10), per_class).to(device)
+    model = benchmark_model(dataset, n_features, device, path, len(labels))
     conditions = F.one_hot(labels, 10).float()
-    size = (geometry["in_channels"], geometry["image_size"], geometry["image_size"])
 
     def run(name: str, n_steps: int) -> None:
-        diffusion.sample(network, conditions, guidance, size, sampler=name,
-                         steps=None if name == "ddpm" else n_steps, progress=False)
+        generate(model, conditions, guidance, sampler=name, steps=None if name == "ddpm" else n_steps)
 
     run("ddim", 2)                                            # warm-up
     synchronize(device)
@@ -122,11 +127,10 @@ def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: F
 
 def evaluation_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, n_images: int,
                       steps: int, guidance: float):
-    """Like ``sampling_rounds`` for ``n_images`` images sampled the way evaluate.py does (``generation.generate``,
+    """Like ``sampling_rounds`` for ``n_images`` images sampled the way tools/evaluate.py does (``generation.generate``,
     ``path.sample_chunk`` images per call) with ``steps`` DDIM steps; each round yields images/s."""
     geometry = GEOMETRY[dataset]
-    model = SamplingModel(GaussianDiffusion().to(device), untrained_network(dataset, n_features, device, path),
-                          dict(geometry, n_features=n_features), path.sample_chunk)
+    model = benchmark_model(dataset, n_features, device, path, path.sample_chunk)
     conditions = F.one_hot(torch.arange(n_images) % geometry["n_classes"], geometry["n_classes"]).float()
     generate(model, conditions[:path.sample_chunk], guidance, sampler="ddim", steps=1)          # warm-up
     synchronize(device)
@@ -176,7 +180,7 @@ def measure(device: torch.device, config_name: str, args) -> dict:
             for other, other_steps in SAMPLERS[1:]:
                 sample[f"{other}{other_steps}"] = {name: rate * timed / other_steps for name, rate in rates.items()}
             break
-    # evaluate.py's sampling: --eval-images images at w = 1, before (250 per call) and after (the fast path's
+    # tools/evaluate.py's sampling: --eval-images images at w = 1, before (250 per call) and after (the fast path's
     # chunk size); a few DDIM steps timed and scaled to the 400 steps of the DDPM sampler
     fast = chosen["fast"]
     paths = {f"{PLAIN_SAMPLE_CHUNK} per call": replace(fast, sample_chunk=PLAIN_SAMPLE_CHUNK),
@@ -206,7 +210,7 @@ def print_table(result: dict) -> None:
           f"x{sample['ddpm400']['fast'] / sample['ddpm400']['plain']:.2f}; DDIM-50 fast vs DDPM-400 plain "
           f"x{sample['ddim50']['fast'] / sample['ddpm400']['plain']:.1f}  (fast = {result['fast_path']['fast']})")
     before, after = result["evaluate_ddpm400_img_s"].values()
-    print("  evaluate.py-style, DDPM-400 img/s: " + ", ".join(
+    print("  tools/evaluate.py-style, DDPM-400 img/s: " + ", ".join(
         f"{name} {rate:.2f}" for name, rate in result["evaluate_ddpm400_img_s"].items()) + f"  (x{after / before:.2f})")
 
 
@@ -229,10 +233,10 @@ def main() -> None:
                         "to the whole run (default: 8 with --quick, else 40)")
     parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
     parser.add_argument("--per-class", type=int, default=4, help="images per class in a sampling run (default 4)")
-    parser.add_argument("--eval-images", type=int, default=250, help="images of the evaluate.py-style run at w = 1 "
+    parser.add_argument("--eval-images", type=int, default=250, help="images of the tools/evaluate.py-style run at w = 1 "
                         "(default 250)")
     parser.add_argument("--eval-steps", type=int, default=None, help="DDIM steps timed per round of the "
-                        "evaluate.py-style run (default: 2 with --quick, else 4)")
+                        "tools/evaluate.py-style run (default: 2 with --quick, else 4)")
     add_guidance_flag(flags, many=False, default=1.0)
     args = parser.parse_args()
     args.train_steps = args.train_steps or (2 if args.quick else 5)

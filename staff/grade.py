@@ -1,12 +1,13 @@
 """Grade a student's copy of the exercise with the graded tests of this repository.
 
-    python grade.py [DIR] [--csv PATH | --no-csv] [--overwrite] [--timeout SECONDS] [--task TASK_ID ...]
+    python -m staff.grade [DIR] [--csv PATH | --no-csv] [--overwrite] [--timeout SECONDS] [--task TASK_ID ...]
 
-DIR (default: the current folder) is the student's project. Its files are copied to a temporary folder, its
-tests/ there is replaced by this repository's tests/ (the student's own, possibly edited, tests do not count),
-and pytest runs the graded tests, those marked ``@pytest.mark.task(TASK_ID)``, with the grading plugin of
-tests/grading/plugin.py recording every result as a JSON line. The grade is a table, one row per task of TASKS
-(handout.py): tests passed / total and the first failure's reason; it is printed and written as CSV
+run from the repository root (``python staff/grade.py`` works from anywhere). DIR (default: the current folder)
+is the student's project. Its files are copied to a temporary folder, its tests/ there is replaced by this
+repository's tests/ (the student's own, possibly edited, tests do not count), and pytest runs the graded
+tests, those marked ``@pytest.mark.task(TASK_ID)``, with the grading plugin of tests/grading/plugin.py
+recording every result as a JSON line. The grade is a table, one row per task of TASKS
+(staff/handout.py): tests passed / total and the first failure's reason; it is printed and written as CSV
 (--csv PATH; default grade.csv in the current folder, which is never overwritten without --overwrite).
 
 Isolation: one pytest process runs every graded test (a module that fails to import costs only the tests in
@@ -33,9 +34,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from handout import TASKS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):          # run as a file, python staff/grade.py: the package staff is in REPO
+    sys.path.insert(0, REPO)
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+from staff.handout import TASKS  # noqa: E402 (needs REPO on sys.path when run as a file)
+
 DEFAULT_TIMEOUT = 60
 DEFAULT_CSV = "grade.csv"
 # Not copied into the grading folder: version control, environments, caches, data and results.

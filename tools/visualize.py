@@ -1,12 +1,12 @@
 """Figures of the diffusion model: beta schedules, forward and reverse process strips, class-mixture comparison.
 
-    python visualize.py schedules --out schedules.png [--timesteps 400 --beta1 1e-4 --beta2 0.02]
-    python visualize.py forward (--checkpoint CKPT | --dataset mnist --data-root DIR | --image-folder DIR)
+    python tools/visualize.py schedules --out schedules.png [--timesteps 400 --beta1 1e-4 --beta2 0.02]
+    python tools/visualize.py forward (--checkpoint CKPT | --dataset mnist --data-root DIR | --image-folder DIR)
                                 --out forward.png [--index 0 --seed 0]
-    python visualize.py reverse --checkpoint CKPT --class 3 [--guidance 3 --seed 0] --out reverse.png
-    python visualize.py mixtures --checkpoint CKPT --pairs 3:8 1:7 [--guidance 3 --n 8] --out mixtures.png
+    python tools/visualize.py reverse --checkpoint CKPT --class 3 [--guidance 3 --seed 0] --out reverse.png
+    python tools/visualize.py mixtures --checkpoint CKPT --pairs 3:8 1:7 [--guidance 3 --n 8] --out mixtures.png
 
-The strips show t = 0, T/8, 2T/8, ..., T. Errors are one line on stderr with exit code 2 (as in sample.py).
+The strips show t = 0, T/8, 2T/8, ..., T. Errors are one line on stderr with exit code 2 (as in tools/sample.py).
 """
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ import time
 import torch
 
 import utils
-from checkpoints import load_checkpoint
-from cli import (OneLineParser, add_checkpoint_flags, add_count_flag, add_data_flags, add_out_flag,
-                 add_sampler_flags, add_seed_flag, exit_on_error, resolve_device, tool_flags)
-from ddpm import SCHEDULES, GaussianDiffusion, ddpm_schedule
-from generation import SamplingModel, generate, load_for_sampling
-from image_data import load_builtin, load_image_folder, to_model_scale
-from sample import (add_model_flags, check_classes, check_sampling_arguments, class_conditions,
-                    composed_mixture_conditions, convex_mixture_conditions, make_parent_folder, sampler_settings)
-from train_config import GEOMETRY, TrainConfig
+from ddpm import DDPM, SCHEDULES, ddpm_schedule
+from lab.checkpoints import load_checkpoint
+from lab.cli import (OneLineParser, add_checkpoint_flags, add_count_flag, add_data_flags, add_out_flag,
+                     add_sampler_flags, add_seed_flag, exit_on_error, resolve_device, tool_flags)
+from lab.generation import SamplingModel, generate, load_for_sampling
+from lab.image_data import load_builtin, load_image_folder, to_model_scale
+from tools.sample import (add_model_flags, check_classes, check_sampling_arguments, class_conditions,
+                          composed_mixture_conditions, convex_mixture_conditions, make_parent_folder, sampler_settings)
+from lab.train_config import GEOMETRY, TrainConfig
 
 STRIP_PARTS = 8      # the strips show t = k T / 8, k = 0..8
 
@@ -53,9 +53,11 @@ def draw_schedules(args: argparse.Namespace) -> str:
 # forward process
 # ----------------------------------------------------------------------------------------------------------------
 
-def forward_process_model(config: dict) -> GaussianDiffusion:
-    """The diffusion of the config's schedule (timesteps, beta1, beta2, schedule), on the CPU."""
-    return GaussianDiffusion.from_config(config)
+def forward_process_model(config: dict) -> DDPM:
+    """A DDPM with the config's schedule (timesteps, beta1, beta2, schedule) on the CPU, for its ``q_sample``;
+    the forward process needs no network, so it holds none (an identity)."""
+    return DDPM(torch.nn.Identity(), config["beta1"], config["beta2"], config["timesteps"], device="cpu",
+                schedule=config["schedule"])
 
 
 def forward_config(args: argparse.Namespace) -> dict:
@@ -84,7 +86,7 @@ def real_image(args: argparse.Namespace, config: dict) -> torch.Tensor:
     return to_model_scale(images[args.index:args.index + 1])
 
 
-def forward_frames(model: GaussianDiffusion, y0: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
+def forward_frames(model: DDPM, y0: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
     """y_t ~ q(y_t | y_0) (S1 eq. 3) with ONE noise draw eps shared by every t: y0 [1, C, H, W] -> [K, C, H, W].
 
     t = 0 is y_0 itself.
@@ -122,7 +124,7 @@ def draw_reverse(args: argparse.Namespace) -> str:
     check_sampling_arguments(args)
     model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights)
     check_classes([args.label], model.n_classes)
-    timesteps = strip_timesteps(model.diffusion.n_timesteps)[::-1]
+    timesteps = strip_timesteps(model.n_timesteps)[::-1]
     frames = reverse_frames(model, args.label, args.guidance, timesteps, args.seed)
     make_parent_folder(args.out)
     utils.save_strip(frames, [f"t = {t}" for t in timesteps], args.out,

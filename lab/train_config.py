@@ -10,8 +10,9 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ddpm import BETA1, BETA2, LOSS_TYPES, N_TIMESTEPS, SAMPLERS, SCHEDULES, SPACINGS
-from speed import PRECISIONS
+from ddpm import BETA1, BETA2, LOSS_TYPES, N_TIMESTEPS, SCHEDULES
+from lab.few_step import SAMPLERS, SPACINGS
+from lab.speed import PRECISIONS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 GEOMETRY = {"mnist": dict(in_channels=1, image_size=28, n_classes=10),
@@ -72,7 +73,7 @@ class TrainConfig:
     subset: Optional[int] = setting(None, "train on the first N training images only")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu", DEVICES)
     seed: int = setting(0, "random seed")
-    fast: bool = setting(True, "the measured fast path of speed.py (memory format, Adam kernel, BatchNorm "
+    fast: bool = setting(True, "the measured fast path of lab/speed.py (memory format, Adam kernel, BatchNorm "
                                "folding); --no-fast: plain fp32 eager")
     precision: str = setting("auto", "arithmetic of the U-Net: fp32, bf16 (autocast; weights, optimizer, EMA and "
                                      "loss stay fp32) or auto: bf16 where the CPU computes it natively", PRECISIONS)

@@ -2,20 +2,20 @@
 # The whole reference on one GPU in one command: MNIST for 20 epochs and CIFAR-10 for 100 epochs with the
 # sheets' settings (train_mnist.py, train_cifar10.py: every grid, GIF, checkpoint and loss curve), then the
 # metric tables of both final checkpoints with the sheet's DDPM-400 sampler and with DDIM-50 at w = 0, 1, 3
-# (50 images per class), bench.py on the GPU first, and an F = 64 CIFAR-10 run when time is left.
+# (50 images per class), tools/bench.py on the GPU first, and an F = 64 CIFAR-10 run when time is left.
 #
-#   bash gpu_reference.sh OUT DATA
+#   bash tools/gpu_reference.sh OUT DATA
 #
 # OUT: where everything goes (OUT/log_mnist, OUT/log_cifar10, OUT/log_cifar10_f64, OUT/bench.txt, OUT/times.txt).
-# DATA: a folder with MNIST/raw (torchvision's layout) and cifar10-jpeg/{train,test}, e.g. ../shared/data.
+# DATA: a folder with MNIST/raw (torchvision's layout) and cifar10-jpeg/{train,test}, e.g. /path/to/data.
 # The training steps and the sampling run through torch.compile with CUDA graphs (--compile); the data sit on the
 # GPU. Settings can be shrunk for a trial run on the CPU, e.g.
 #   DEVICE=cpu TRAIN_FLAGS="--epochs 1 --subset 128 --timesteps 20" EVAL_FLAGS="--n-per-class 2" DDIM_STEPS=10 \
 #       BENCH_FLAGS="--configs mnist --batch-sizes 8 --train-steps 1 --timed-steps 2 --rounds 1 --eval-images 20" \
-#       F64_SECONDS=0 bash gpu_reference.sh /tmp/out ../shared/data
+#       F64_SECONDS=0 bash tools/gpu_reference.sh /tmp/out ../shared/data
 set -euo pipefail
-out="${1:?usage: bash gpu_reference.sh OUT DATA}"
-data="${2:?usage: bash gpu_reference.sh OUT DATA}"
+out="${1:?usage: bash tools/gpu_reference.sh OUT DATA}"
+data="${2:?usage: bash tools/gpu_reference.sh OUT DATA}"
 device="${DEVICE:-cuda}"
 train_flags="${TRAIN_FLAGS:-}"
 eval_flags="${EVAL_FLAGS:-}"
@@ -25,6 +25,8 @@ python="${PYTHON:-python}"
 compile="--compile"
 [ "$device" = "cpu" ] && compile=""   # on a CPU, compiling costs more than the tiny trial saves
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"; data="$(cd "$data" && pwd)"
+cd "$(dirname "$0")/.."      # the repository root: the scripts and tools run from there
 start=$SECONDS
 step() {  # step NAME COMMAND...: run, log, and record its wall time
     local name="$1" begun=$SECONDS
@@ -36,15 +38,15 @@ step() {  # step NAME COMMAND...: run, log, and record its wall time
 evaluate() {  # evaluate CHECKPOINT [DATA FLAG...]: DDPM-T and DDIM tables at w = 0, 1, 3
     local checkpoint="$1"
     shift
-    step "evaluate ddpm $checkpoint" "$python" evaluate.py metrics --checkpoint "$checkpoint" "$@" --guidance 0 1 3 \
+    step "evaluate ddpm $checkpoint" "$python" -m tools.evaluate metrics --checkpoint "$checkpoint" "$@" --guidance 0 1 3 \
         --device "$device" $compile $eval_flags
-    step "evaluate ddim$ddim_steps $checkpoint" "$python" evaluate.py metrics --checkpoint "$checkpoint" "$@" \
+    step "evaluate ddim$ddim_steps $checkpoint" "$python" -m tools.evaluate metrics --checkpoint "$checkpoint" "$@" \
         --guidance 0 1 3 --sampler ddim --steps "$ddim_steps" --device "$device" $compile $eval_flags
 }
 
 "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
     | tee "$out/times.txt"
-step bench timeout 100 "$python" bench.py --devices "$device" --configs cifar10 mnist --batch-sizes 128 256 512 \
+step bench timeout 100 "$python" -m tools.bench --devices "$device" --configs cifar10 mnist --batch-sizes 128 256 512 \
     $compile --rounds 2 --train-steps 20 --timed-steps 40 ${BENCH_FLAGS:-} > "$out/bench.txt" 2>&1 \
     || echo "bench did not finish (see $out/bench.txt)" | tee -a "$out/times.txt"
 step mnist "$python" train_mnist.py --data-root "$data" --out "$out/log_mnist" --device "$device" $compile $train_flags

@@ -1,6 +1,6 @@
 """Sample a trained conditional DDPM: classes, or a mixture of classes (sheet 1: guiding towards a mixture).
 
-    python sample.py --checkpoint CKPT [--classes 3 7 | --mix 3:0.5,8:0.5 [--compose]] [--n 8] [--guidance 2]
+    python tools/sample.py --checkpoint CKPT [--classes 3 7 | --mix 3:0.5,8:0.5 [--compose]] [--n 8] [--guidance 2]
                      [--sampler ddpm|ddim|dpm++2m] [--steps S] [--eta 0] [--clip-denoised] [--seed 0]
                      [--weights ema|raw] [--device auto|cpu|cuda|mps] --out out.png [--gif out.gif]
 
@@ -12,7 +12,7 @@ Two ways to guide towards a mixture sum_i p_i c_i of one-hot classes c_i (weight
     composed (--compose)  one conditional copy per class, eq. 5 for each, averaged with the proportions:
                        eps~ = eps(y_t, t, 0) + (1 + w) sum_i p_i (eps(y_t, t, c_i) - eps(y_t, t, 0))
 
-Both reduce to eq. 5 for a single class; ``GaussianDiffusion.guided_noise`` evaluates either in one batched
+Both reduce to eq. 5 for a single class; ``lab.generation.SamplingDDPM.guided_noise`` evaluates either in one batched
 network call. Errors (bad checkpoint, class, mixture, flag) are one line on stderr with exit code 2.
 """
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import utils
-from cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_count_flag, add_device_flag,
-                 add_guidance_flag, add_out_flag, add_sampler_flags, add_seed_flag, exit_on_error, resolve_device,
-                 tool_flags)
+from lab.cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_count_flag, add_device_flag,
+                     add_guidance_flag, add_out_flag, add_sampler_flags, add_seed_flag, exit_on_error, resolve_device,
+                     tool_flags)
 from ddpm import class_grid_labels
-from generation import animation_states, generate, load_for_sampling
+from lab.generation import animation_states, generate, load_for_sampling
 
 MAX_GRID_COLUMNS = 8                       # a mixture's n images are laid out row-major, this many per row
 
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights, args.compile)
     conditions, proportions, columns, description = requested_conditions(args, model.n_classes)
-    keep = animation_states(model.diffusion, args.sampler, args.sample_steps, args.spacing) if args.gif else ()
+    keep = animation_states(model.ddpm, args.sampler, args.sample_steps, args.spacing) if args.gif else ()
     images, frames = generate(model, conditions, args.guidance, proportions, keep=keep, **sampler_settings(args))
     save_grid(images, args.out, columns)
     written = [args.out]

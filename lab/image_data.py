@@ -87,7 +87,7 @@ def load_image_folder(folder: str, channels: int, size: int, cache_dir: str | No
     images = torch.stack([image for image, _ in dataset])
     image_set = ImageSet(images, torch.as_tensor(dataset.targets, dtype=torch.long), list(dataset.classes))
     if cache_path:
-        from checkpoints import save_checkpoint  # the same atomic write as the checkpoints
+        from lab.checkpoints import save_checkpoint  # the same atomic write as the checkpoints
         save_checkpoint({"images": image_set.images, "labels": image_set.labels, "classes": image_set.classes},
                         cache_path)
     return _interleaved(image_set)

@@ -1,8 +1,8 @@
 """Sample quality against the number of steps: the DDPM, DDIM and DPM-Solver++(2M) samplers on one checkpoint,
-judged by evaluate.py's metrics (sheet 1 Q6: the main drawback of diffusion models is slow sampling).
+judged by tools/evaluate.py's metrics (sheet 1 Q6: the main drawback of diffusion models is slow sampling).
 
-    python samplers.py --checkpoint log_mnist/model_ep20.pth --data-root ../shared/data --out log_mnist/samplers
-    python samplers.py --checkpoint log_cifar10/model_ep34_step1.pth \\
+    python tools/samplers.py --checkpoint log_mnist/model_ep20.pth --data-root ../shared/data --out log_mnist/samplers
+    python tools/samplers.py --checkpoint log_cifar10/model_ep34_step1.pth \\
         --image-folder ../shared/data/cifar10-jpeg/train --out log_cifar10/samplers
 
 Every sampler setting gets its own metric table in --out (<sampler><steps>[_<spacing>].csv, reused when the
@@ -19,11 +19,11 @@ import csv
 import os
 
 import utils
-from cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_data_flags, add_device_flag,
-                 add_guidance_flag, add_judging_flags, add_out_flag, add_seed_flag, data_flags, exit_on_error,
-                 resolve_device, tool_flags)
-from generation import load_for_sampling
-from sample_quality import evaluate_model, write_table
+from lab.cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_data_flags, add_device_flag,
+                     add_guidance_flag, add_judging_flags, add_out_flag, add_seed_flag, data_flags, exit_on_error,
+                     resolve_device, tool_flags)
+from lab.generation import load_for_sampling
+from lab.sample_quality import evaluate_model, write_table
 
 # (sampler, steps, spacing, eta); eta = 1 makes dpm++2m the SDE solver (SDE-DPM-Solver++(2M))
 SETTINGS = [("ddpm", None, "time", 0.0), ("ddim", 10, "time", 0.0), ("ddim", 20, "time", 0.0),

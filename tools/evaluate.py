@@ -1,14 +1,14 @@
 """Judge generated samples with the project's own classifier: class accuracy, Frechet distance, diversity.
 
-    python evaluate.py metrics --checkpoint CKPT [--guidance 0 1 3] [--n-per-class 50]
+    python tools/evaluate.py metrics --checkpoint CKPT [--guidance 0 1 3] [--n-per-class 50]
                        [--sampler ddpm|ddim|dpm++2m] [--steps S] [--weights ema|raw] [--clip-denoised]
                        [--chunk-size N] [--csv PATH] [--overwrite]
         samples n-per-class images of every class per guidance weight, prints the metric table
-        (sample_quality.py explains the columns) and writes it as CSV, by default next to the checkpoint under a
+        (lab/sample_quality.py explains the columns) and writes it as CSV, by default next to the checkpoint under a
         name that carries the settings, e.g. model_ep20_eval_ddpm400_w0-1-3_n50.csv. An existing file is never
         replaced without --overwrite.
-    python evaluate.py train-classifier mnist|cifar10 [--data-root DIR | --image-folder DIR] [--epochs N]
-        trains the judge, a small CNN (judge.py), on the dataset's training split and saves it to
+    python tools/evaluate.py train-classifier mnist|cifar10 [--data-root DIR | --image-folder DIR] [--epochs N]
+        trains the judge, a small CNN (lab/judge.py), on the dataset's training split and saves it to
         classifiers/<dataset>.pt (or --classifier PATH); an existing file is kept without --overwrite.
 
 Errors are one line on stderr with exit code 2.
@@ -22,16 +22,16 @@ import time
 
 import torch
 
-from cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_data_flags, add_device_flag,
-                 add_guidance_flag, add_judging_flags, add_overwrite_flag, add_sampler_flags, add_seed_flag, data_flags,
-                 exit_on_error, refuse_existing, resolve_device, tool_flags)
-from generation import load_for_sampling, sampler_steps
-from image_data import load_data, to_model_scale
-from judge import (ARCHITECTURES, AUGMENTATION, EPOCHS, Classifier, classify, default_classifier_path,
-                   save_classifier, train_classifier)
-from metrics import class_accuracy
-from sample_quality import ALL_TEST_IMAGES, evaluate_model, format_table, write_table
-from train_config import SCRIPT_DEFAULTS
+from lab.cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_data_flags, add_device_flag,
+                     add_guidance_flag, add_judging_flags, add_overwrite_flag, add_sampler_flags, add_seed_flag, data_flags,
+                     exit_on_error, refuse_existing, resolve_device, tool_flags)
+from lab.generation import load_for_sampling, sampler_steps
+from lab.image_data import load_data, to_model_scale
+from lab.judge import (ARCHITECTURES, AUGMENTATION, EPOCHS, Classifier, classify, default_classifier_path,
+                       save_classifier, train_classifier)
+from lab.metrics import class_accuracy
+from lab.sample_quality import ALL_TEST_IMAGES, evaluate_model, format_table, write_table
+from lab.train_config import SCRIPT_DEFAULTS
 from training import resolve_config
 
 
@@ -65,7 +65,7 @@ def run_metrics(args: argparse.Namespace) -> list[dict]:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be positive, got {args.chunk_size}")
     model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights, args.compile)
-    csv_path = args.csv or default_csv_path(args, model.diffusion.n_timesteps)
+    csv_path = args.csv or default_csv_path(args, model.n_timesteps)
     refuse_existing(csv_path, args.overwrite)
     rows = evaluate_model(model, f"{args.checkpoint} ({args.weights} weights)", args.guidance, args.n_per_class,
                           args.sampler, args.sample_steps, args.weights, args.clip_denoised, args.seed,

@@ -1,5 +1,5 @@
-"""The metric table of a checkpoint: sample every class per guidance weight, judge the images (judge.py,
-metrics.py), and compare them with the real test images. evaluate.py is its command line; experiments.py
+"""The metric table of a checkpoint: sample every class per guidance weight, judge the images (lab/judge.py,
+lab/metrics.py), and compare them with the real test images. tools/evaluate.py is its command line; tools/experiments.py
 calls ``evaluate_checkpoint`` for every run of a study.
 
 Columns (one row for the real test images, then one per guidance weight):
@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 import utils
 from ddpm import class_grid_labels
-from generation import SamplingModel, generate, load_for_sampling, sampler_steps
-from image_data import DataError, load_data, to_model_scale
-from judge import Classifier, classify, judge_for
-from metrics import class_accuracy, diversity, frechet_distance, noise_floor_split
-from train_config import TrainConfig
+from lab import few_step
+from lab.generation import SamplingModel, generate, load_for_sampling, sampler_steps
+from lab.image_data import DataError, load_data, to_model_scale
+from lab.judge import Classifier, classify, judge_for
+from lab.metrics import class_accuracy, diversity, frechet_distance, noise_floor_split
+from lab.train_config import TrainConfig
 
 ALL_TEST_IMAGES = sys.maxsize                                   # eval_images that keeps the whole test split
 CSV_FIELDS = ("images", "weights", "w", "sampler", "steps", "spacing", "eta", "clip", "chunk", "n", "accuracy",
@@ -126,8 +127,8 @@ def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per
     ``weights`` only labels the rows.
     """
     config = model.config
-    steps = sampler_steps(sampler, steps, model.diffusion.n_timesteps)
-    n_steps = len(model.diffusion.sampling_timesteps(sampler, steps, spacing)) - 1   # refuses bad settings early
+    steps = sampler_steps(sampler, steps, model.n_timesteps)
+    n_steps = len(few_step.sampling_timesteps(model.ddpm, sampler, steps, spacing)) - 1   # refuses bad settings early
     classifier, classifier_path = judge_for(config, classifier_path)
     classifier.to(model.device)
     _, test_set = load_data(evaluation_data_config(config, flags or {}))

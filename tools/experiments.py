@@ -1,9 +1,9 @@
-"""Short training runs that compare settings at an equal budget, judged by evaluate.py (sheet 2: "train with
+"""Short training runs that compare settings at an equal budget, judged by tools/evaluate.py (sheet 2: "train with
 different settings" and 2.3, the beta schedules; sheet 1 Q4: capacity and hyper-parameters for CIFAR-10).
 
-    python experiments.py mnist --data-root ../shared/data
-    python experiments.py cifar10 --image-folder ../shared/data/cifar10-jpeg/train
-    python experiments.py mnist --runs baseline cosine      # some runs only; --list shows a study's runs
+    python tools/experiments.py mnist --data-root ../shared/data
+    python tools/experiments.py cifar10 --image-folder ../shared/data/cifar10-jpeg/train
+    python tools/experiments.py mnist --runs baseline cosine      # some runs only; --list shows a study's runs
 
 Every run of a study trains with the study's shared settings plus its own changes, into --work/<study>/<run>/
 (scratch space: checkpoints, grids). Running the command again continues unfinished runs from their newest
@@ -13,7 +13,7 @@ The study's results go to --out (small files only, meant to be committed):
     <study>_runs.csv          per run: settings, parameters, images seen, training seconds, final losses
     <study>_losses.csv        train and test loss per epoch of every run
     <study>_<comparison>.png  one figure per comparison: train and test loss of the runs it compares
-    <study>_metrics.csv       the evaluate.py table of every run's final checkpoint (column 'run')
+    <study>_metrics.csv       the tools/evaluate.py table of every run's final checkpoint (column 'run')
     <study>_<run>_w<w>.png    the run's final sample grid
 
 Test losses are comparable between runs with the same T and loss type only: they are averaged over timesteps
@@ -32,12 +32,12 @@ from typing import Dict, List, Optional
 import torch
 
 import utils
-from cli import OneLineParser, add_data_flags, add_device_flag, add_out_flag, exit_on_error, resolve_device, tool_flags
-from ddpm import network_from_config
-from generation import load_for_sampling
-from image_data import load_data
-from sample_quality import CSV_FIELDS, evaluate_checkpoint, write_table
-from train_config import SCRIPT_DEFAULTS, TrainConfig
+from lab.cli import OneLineParser, add_data_flags, add_device_flag, add_out_flag, exit_on_error, resolve_device, tool_flags
+from lab.checkpoints import network_from_config
+from lab.generation import load_for_sampling
+from lab.image_data import load_data
+from lab.sample_quality import CSV_FIELDS, evaluate_checkpoint, write_table
+from lab.train_config import SCRIPT_DEFAULTS, TrainConfig
 from training import count_parameters, resolve_config, test_loss, train
 
 RAW = ":raw"  # suffix of a run name in a comparison: the run's raw weights instead of its EMA
@@ -45,7 +45,7 @@ RAW = ":raw"  # suffix of a run name in a comparison: the run's raw weights inst
 
 @dataclass
 class Evaluation:
-    """How every run of a study is judged (evaluate.py's settings)."""
+    """How every run of a study is judged (tools/evaluate.py's settings)."""
     guidance: List[float]
     n_per_class: int
     sampler: str = "ddim"
@@ -169,7 +169,7 @@ def train_run(config: TrainConfig) -> str:
 
 
 def metric_rows(study: Study, checkpoint: str, weights: str, flags: dict, device: torch.device) -> list[dict]:
-    """evaluate.py's table of the checkpoint, read back from its CSV when an earlier call wrote it."""
+    """tools/evaluate.py's table of the checkpoint, read back from its CSV when an earlier call wrote it."""
     stem, _ = os.path.splitext(checkpoint)
     path = f"{stem}_eval.csv" if weights == "ema" else f"{stem}_raw_eval.csv"
     if not os.path.exists(path):

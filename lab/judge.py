@@ -1,5 +1,5 @@
 """The judge: a small CNN classifier per dataset, trained on the real images, whose predictions and penultimate
-features score generated images (metrics.py). Trained by ``python evaluate.py train-classifier``, saved in
+features score generated images (lab/metrics.py). Trained by ``python -m tools.evaluate train-classifier``, saved in
 classifiers/<dataset>.pt."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoints import save_checkpoint
-from image_data import ImageSet, to_model_scale
+from lab.checkpoints import save_checkpoint
+from lab.image_data import ImageSet, to_model_scale
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSIFIER_FOLDER = os.path.join(ROOT, "classifiers")
 DATASET_BY_CHANNELS = {1: "mnist", 3: "cifar10"}
 ARCHITECTURES = {"mnist": dict(widths=(16, 32, 64), convs_per_stage=1),       # widths[-1]: feature dimension
@@ -68,9 +68,9 @@ def default_classifier_path(dataset: str) -> str:
 def train_command(dataset: str | None) -> str:
     """The command that trains the classifier of ``dataset`` on this project's data (None: of either dataset)."""
     if dataset is None:
-        return "python evaluate.py train-classifier mnist|cifar10"
+        return "python -m tools.evaluate train-classifier mnist|cifar10"
     data = "--image-folder ../shared/data/cifar10-jpeg/train" if dataset == "cifar10" else "--data-root ../shared/data"
-    return f"python evaluate.py train-classifier {dataset} {data}"
+    return f"python tools/evaluate.py train-classifier {dataset} {data}"
 
 
 def save_classifier(classifier: Classifier, path: str, dataset: str, image_size: int, test_accuracy: float) -> None:
@@ -90,7 +90,7 @@ def load_classifier(path: str, dataset: str | None = None) -> tuple[Classifier, 
                                 saved["convs_per_stage"])
         classifier.load_state_dict(saved["state_dict"])
     except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise ClassifierError(f"{path} is not a classifier of evaluate.py ({describe(error)}); "
+        raise ClassifierError(f"{path} is not a classifier of tools/evaluate.py ({describe(error)}); "
                               f"train one with: {train_command(dataset)}") from None
     info = {key: value for key, value in saved.items() if key != "state_dict"}
     return classifier.eval(), info

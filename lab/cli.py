@@ -1,7 +1,7 @@
 """What every command-line tool here shares: one-line errors, the choice of device, and the flag groups.
 
 Each flag is defined once, here. Its help text and default come from the TrainConfig field of the same name
-(train_config.py), so a tool and the training scripts always agree. Two kinds of parser use the groups:
+(lab/train_config.py), so a tool and the training scripts always agree. Two kinds of parser use the groups:
 
 - the training parser (``training_parser``): only the flags given land in the namespace (argparse.SUPPRESS),
   because they override the script's defaults or a resumed run's config;
@@ -17,8 +17,8 @@ import sys
 import torch
 
 from ddpm import default_device
-from speed import CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK
-from train_config import DEVICES, TrainConfig, field_choices, field_help, flag_fields
+from lab.speed import CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK
+from lab.train_config import DEVICES, TrainConfig, field_choices, field_help, flag_fields
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr (exit code 2), like every other error here."""

@@ -1,4 +1,4 @@
-"""The fast path: choices per machine capability, from bench.py's measurements, and the helpers that apply them.
+"""The fast path: choices per machine capability, from tools/bench.py's measurements, and the helpers that apply them.
 
 ``FastPath()`` is the straightforward path (fp32, eager, default memory format, per-tensor Adam, 250 images per
 sampling call); ``FastPath.for_machine(device)`` is the default fast path of the machine the device is on. The

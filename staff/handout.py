@@ -3,18 +3,18 @@
 Every piece of code the sheets ask students to write is a *solution region*: the lines between a comment line
 "# BEGIN SOLUTION <task-id> <what>" and the next "# END SOLUTION" line, both indented like the code between
 them. <task-id> is a key of TASKS below; <what> says in a few words which piece it is (it ends up in the error
-message of the handout's stub). Several regions may share one task id.
+message of the handout's stub). Several regions may share one task id. Run from the repository root:
 
-    python handout.py --out DIR
+    python -m staff.handout --out DIR
         writes the student version of this repository to DIR (which must not exist or be empty): the files git
         tracks, less the results and the staff-only files (see ``is_handed_out``); in every .py file each region
         keeps its two marker lines and gets, between them, the task's instruction as a comment and
         ``raise NotImplementedError("<task-id>: <what>")``. README.txt becomes the students' README and
         answers.txt a template with the sheets' questions.
-    python handout.py --fill HANDOUT_DIR --from REFERENCE_DIR --out DIR [--task TASK_ID ...]
+    python -m staff.handout --fill HANDOUT_DIR --from REFERENCE_DIR --out DIR [--task TASK_ID ...]
         the inverse: a copy of HANDOUT_DIR with the regions of the reference's files put back (of the named
         tasks only, with --task); every code file then equals the reference's byte for byte.
-    python handout.py --list
+    python -m staff.handout --list
         the regions of this repository, task by task.
 
 Only the standard library is used, and the code runs on Python 3.8.
@@ -31,7 +31,7 @@ import sys
 import textwrap
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Task(NamedTuple):
@@ -139,8 +139,10 @@ HAND_IN = [
 RESULT_PATTERNS = ["log_*/*", "*.pth", "*.pt", "answers.txt"]
 RESULTS_KEPT = ["classifiers/*.pt"]          # the grader's sample-quality metrics may need the judges
 STAFF_ONLY = [
-    "tests/mutants/*",       # wrong solutions made from the reference's regions: they quote the solution
+    "staff/*",               # the handout, the grader and the mutants (wrong solutions that quote the solution)
     "tests/test_handout.py",  # checks the reference, its handout and the mutants: fails in a handout by design
+    "tools/bench.py", "tools/gpu_reference.sh", "tools/experiments.py",   # no sheet task needs them
+    "tests/test_experiments.py",  # tests tools/experiments.py, which is not handed out
 ]
 REPLACED = ("README.txt", "answers.txt")       # written anew: the students' README and the answers template
 SKIPPED_DIRS = {".git", "__pycache__", ".pytest_cache", "data", "runs", "scratch", ".cache", ".devdata"}
@@ -204,7 +206,7 @@ def check_tasks(regions: Iterable[Region], path: str) -> None:
     for region in regions:
         if region.task not in TASKS:
             raise RegionError(f"{path}:{region.begin + 1}: unknown task {region.task!r}; add it to TASKS in "
-                              f"handout.py (known: {', '.join(TASKS)})")
+                              f"staff/handout.py (known: {', '.join(TASKS)})")
 
 
 def stub_body(region: Region, newline: str = "\n") -> List[str]:
@@ -285,9 +287,9 @@ def is_handed_out(path: str) -> bool:
     """Whether a repository file goes into the handout: results and staff-only files do not.
 
     Results: log_*/ folders, *.pth/*.pt checkpoints (except classifiers/*.pt, which the grader's metrics may
-    need) and answers.txt (replaced by a template). Staff only: tests/mutants/ (wrong solutions quoting the
-    reference) and tests/test_handout.py (it checks the reference). handout.py and grade.py are handed out:
-    grade.py is the students' self-grading and reads TASKS from handout.py; neither holds a solution.
+    need) and answers.txt (replaced by a template). Staff only (STAFF_ONLY): staff/ (this handout maker, the
+    grader and the mutants, wrong solutions quoting the reference), tests/test_handout.py (it checks the
+    reference) and the tools no sheet task needs, with their tests.
     """
     def matches(patterns: Iterable[str]) -> bool:
         return any(fnmatch.fnmatch(path, pattern) for pattern in patterns)
@@ -444,15 +446,16 @@ def student_readme(regions_by_file: Dict[str, List[Region]]) -> str:
         "A test of a task you have not done yet fails with NotImplementedError naming the task.",
         "",
         "",
-        "How to grade yourself",
-        "---------------------",
+        "How your work is graded",
+        "-----------------------",
         "",
-        "  .venv/bin/python grade.py .",
+        "Every task is graded by its tests here, those marked @pytest.mark.task(\"<task>\"): the grade of a task",
+        "is how many of its tests pass. Check yourself with",
         "",
-        "prints, for every task, how many of its tests pass and the first failure's reason, and writes the same",
-        "table to grade.csv (it will not overwrite an existing grade.csv: add --overwrite, or name another file",
-        "with --csv PATH). The tutors grade with their own copy of the tests, so editing the tests here changes",
-        "nothing but your own view.",
+        "  .venv/bin/python -m pytest -q tests -m task",
+        "",
+        "The tutors grade with their own copy of the tests, so editing the tests here changes nothing but your",
+        "own view.",
         "",
         "",
         "What to hand in",
@@ -486,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "into a handout (--fill HANDOUT_DIR --from REFERENCE_DIR --out DIR), or list the regions.")
     parser.add_argument("--out", metavar="DIR", help="folder to write (must not exist or be empty)")
     parser.add_argument("--from", dest="source", metavar="DIR", default=REPO,
-                        help="the reference repository (default: the folder of handout.py)")
+                        help="the reference repository (default: this repository, the folder above staff/)")
     parser.add_argument("--fill", metavar="HANDOUT_DIR", help="put the regions of --from back into this handout")
     parser.add_argument("--task", action="append", metavar="TASK_ID",
                         help="with --fill: fill only this task's regions (repeatable)")

@@ -1,0 +1,1 @@
+"""Command-line tools, one command each, run from the repository root: ``python -m tools.<name> --help``."""

@@ -4,8 +4,10 @@ The sheet's settings (train_config.MNIST): Adam with a constant learning rate, T
 beta_T = 0.02, p_uncond = 0.1, guidance weights w in {0, 1, 3}, 4 samples per class, grids, GIFs and
 checkpoints every 5 epochs, into log_mnist/.
 """
+from lab.cli import one_line_errors
 from lab.train_config import MNIST
-from training import main
+from training import command_line_config, train
 
 if __name__ == "__main__":
-    main(MNIST, description=__doc__.splitlines()[0])
+    with one_line_errors():        # bad input: one line on stderr and exit code 2
+        train(command_line_config(MNIST, description=__doc__.splitlines()[0]))

@@ -1,9 +1,13 @@
 """The one training loop behind train_mnist.py and train_cifar10.py (sheet 1, tasks 3 and 4; sheet 2, 2.2).
 
-``main(defaults)`` turns the command line into a ``TrainConfig`` (lab/train_config.py) and calls ``train``. Each
-epoch the loop trains on the whole in-memory dataset (Algorithm 1), measures the test loss at fixed timesteps
-and noise (sheet 2, 2.2 e), and writes its files (lab/run_files.py: grids, GIFs, loss curves, checkpoints).
-Read top to bottom: configuration, building a run, the loop, one step, the test loss.
+``command_line_config(defaults)`` turns the command line into a ``TrainConfig`` (lab/train_config.py) and
+``train`` runs it. Each epoch the loop trains on the whole in-memory dataset (Algorithm 1: ``loss = ddpm(y0, c)``),
+measures the test loss at fixed timesteps and noise (sheet 2, 2.2 e), samples the grids with Algorithm 2
+(``DDPM.sample``) and writes its files (lab/run_files.py: grids, GIFs, loss curves, checkpoints).
+Read top to bottom: configuration, building a run, the loop, one step, after each epoch, the test loss.
+
+The paths of the sheets' equations: train_mnist.py -> train -> train_one_epoch -> training_step -> DDPM.forward
+(Algorithm 1; -> p_losses -> q_sample), and train -> finish_epoch -> DDPM.sample (Algorithm 2) -> p_sample (eq. 4).
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ from tqdm import tqdm
 
 from ddpm import DDPM
 from lab.checkpoints import config_differences, load_checkpoint, network_from_config
-from lab.cli import exit_on_error, resolve_device, training_parser
+from lab.cli import resolve_device, training_parser
 from lab.ema import EMA
 from lab.generation import SamplingModel, sampling_model
 from lab.image_data import ImageSet, load_data, to_model_scale
-from lab.run_files import (RunState, newest_run_checkpoint, output_folder, real_examples, remove_interrupted_checkpoints,
-                           restore, save_interrupted, save_run, write_epoch_artifacts)
+from lab.run_files import (RunState, grid_random_state, grid_states, grids_due, newest_run_checkpoint, output_folder,
+                           real_examples, remove_interrupted_checkpoints, restore, sample_grid_few_step,
+                           save_interrupted, save_run, write_grid_files, write_loss_files)
 from lab.speed import (FastInference, FastPath, FastTraining, compiled, make_optimizer, mark_step_begin,
                        network_to_channels_last, path_for_run)
 from lab.train_config import GEOMETRY, TrainConfig, validate
@@ -38,10 +43,10 @@ MACHINE_SETTINGS = ("device", "out", "resume", "overwrite")   # never taken from
 # Configuration
 # ----------------------------------------------------------------------------------------------------------------
 
-def main(defaults: TrainConfig, description: str, argv: list[str] | None = None) -> None:
-    """Parse the command line over ``defaults`` and train; errors are one line on stderr and exit code 2."""
+def command_line_config(defaults: TrainConfig, description: str, argv: list[str] | None = None) -> TrainConfig:
+    """The run's config from the command line (``argv``, default sys.argv) over the script's ``defaults``."""
     given = vars(training_parser(defaults, description).parse_args(argv))
-    exit_on_error(lambda: train(resolve_config(defaults, given)))
+    return resolve_config(defaults, given)
 
 
 def resolve_config(defaults: TrainConfig, given: dict) -> TrainConfig:
@@ -317,17 +322,28 @@ def all_ranks_sum(loss_sum: torch.Tensor, seen: int, ranks: Ranks) -> tuple[floa
 
 def finish_epoch(run: Run, epoch: int, mean_loss: float, images_per_s: float, test_set: ImageSet,
                  real: torch.Tensor, seconds: float) -> None:
-    """Rank 0 after each epoch: test loss, summary line, loss.csv/png, grids and GIFs, checkpoint."""
+    """Rank 0 after each epoch: test loss, summary line, loss.csv/png, the grids and GIFs (Algorithm 2, with the
+    EMA weights), the checkpoint."""
     config, state = run.config, run.state
-    sampling_model = model_for_sampling(run)
+    model = model_for_sampling(run)
     record = {"epoch": epoch, "train_loss": mean_loss}
     if config.eval_every and (epoch % config.eval_every == 0 or epoch == config.epochs):
-        record.update(test_loss(sampling_model, test_set, config))
+        record.update(test_loss(model, test_set, config))
     record.update(seconds=round(seconds, 2), images_per_s=round(images_per_s, 1))
     tqdm.write(summary_line(record, config.epochs))
     state.losses.append(record)
     state.epoch, state.step, state.partial_loss_sum = epoch, 0, 0.0
-    write_epoch_artifacts(config, sampling_model, real, state.losses, epoch)
+    write_loss_files(config, state.losses)
+    grid, gif = grids_due(config, epoch)
+    for w in config.guidance if grid or gif else ():
+        with grid_random_state(config, model.device):
+            if config.sampler == "ddpm":      # the sheet's call: ddpm.sample(4, (C, H, W), 10, w)
+                ddpm = model.ddpm.with_options(clip_denoised=config.clip_denoised)
+                generated, frames = ddpm.sample(config.n_sample, model.image_shape, config.n_classes, w,
+                                                keep=grid_states(model, config))
+            else:
+                generated, frames = sample_grid_few_step(model, config, w)
+        write_grid_files(config, epoch, w, generated.float().cpu(), frames, real, grid, gif)
     if epoch % config.save_every == 0 or epoch == config.epochs:
         save_run(run, f"model_ep{epoch}.pth")
         remove_interrupted_checkpoints(config.out)

@@ -11,6 +11,7 @@ Each flag is defined once, here. Its help text and default come from the TrainCo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -190,11 +191,18 @@ def refuse_existing(path: str, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another output name")
 
 
-def exit_on_error(command, *args) -> None:
-    """Run command(*args); bad input (ValueError and its kinds: bad checkpoint, data, flag; OSError; a
-    non-finite loss) ends the program with one line on stderr and exit code 2, not a traceback."""
+@contextlib.contextmanager
+def one_line_errors():
+    """Bad input (ValueError and its kinds: bad checkpoint, data, flag; OSError; a non-finite loss) inside the
+    block ends the program with one line on stderr and exit code 2, not a traceback."""
     try:
-        command(*args)
+        yield
     except (ValueError, OSError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def exit_on_error(command, *args) -> None:
+    """Run command(*args) with ``one_line_errors``."""
+    with one_line_errors():
+        command(*args)

@@ -12,6 +12,7 @@ they are.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import math
@@ -20,13 +21,14 @@ import re
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from lab.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm import class_grid_labels
+from lab.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from lab.generation import SamplingModel, animation_states, generate
 from lab.image_data import ImageSet, to_model_scale
 from lab.train_config import TrainConfig
@@ -184,33 +186,46 @@ def real_examples(image_set: ImageSet, n_per_class: int, n_classes: int) -> torc
     return to_model_scale(torch.stack(per_class, dim=1).flatten(0, 1))   # row r holds the r-th of every class
 
 
-def write_epoch_artifacts(config: TrainConfig, model: SamplingModel, real: torch.Tensor, losses: list,
-                          epoch: int) -> None:
-    """loss.csv/png every epoch; sample grids and GIFs on their schedules (and always after the last epoch)."""
+def write_loss_files(config: TrainConfig, losses: list) -> None:
+    """loss.csv, loss.png (the mean training loss of each epoch) and test_loss_by_t.png, after every epoch."""
     utils.write_rows_csv(losses, os.path.join(config.out, "loss.csv"))
     utils.plot_losses(losses, os.path.join(config.out, "loss.png"))
     utils.plot_test_loss_by_timestep(losses, os.path.join(config.out, "test_loss_by_t.png"))
+
+
+def grids_due(config: TrainConfig, epoch: int) -> tuple[bool, bool]:
+    """(a sample grid, a GIF) after this 1-based epoch: on the sheet's cadence, and always after the last one."""
     last = epoch == config.epochs
-    want_grid = epoch % config.sample_every == 0 or last
-    want_gif = epoch % config.gif_every == 0 or last
-    if not (want_grid or want_gif):
-        return
-    for w in config.guidance:
-        generated, frames = sample_grid(model, config, w)
-        if want_grid:
-            utils.save_sample_grid(generated, real, os.path.join(config.out, f"image_ep{epoch}_w{w}.png"))
-        if want_gif:
-            utils.save_gif(frames, os.path.join(config.out, f"gif_ep{epoch}_w{w}.gif"))
+    return epoch % config.sample_every == 0 or last, epoch % config.gif_every == 0 or last
 
 
-def sample_grid(model: SamplingModel, config: TrainConfig, w: float):
-    """n_sample images per class with guidance w, from noise fixed by the seed (the same every epoch) and
-    without touching the training's random stream. Returns (images [N, C, H, W] on the CPU, frames)."""
+@contextlib.contextmanager
+def grid_random_state(config: TrainConfig, device: torch.device):
+    """Sample a grid from noise fixed by the seed (the same every epoch) without touching the training's random
+    stream: the generators' states are restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        yield
+
+
+def grid_states(model: SamplingModel, config: TrainConfig) -> list[int]:
+    """The states y_s a training GIF shows (``generation.animation_states`` of the run's grid sampler)."""
+    return animation_states(model.ddpm, config.sampler, config.sample_steps, config.spacing)
+
+
+def sample_grid_few_step(model: SamplingModel, config: TrainConfig, w: float) -> tuple[torch.Tensor, np.ndarray]:
+    """The grid with a few-step sampler (--sampler ddim or dpm++2m): n_sample images per class, class-fastest,
+    as ``DDPM.sample`` orders them. Returns (images [N, C, H, W] on the CPU, frames)."""
     labels = class_grid_labels(range(config.n_classes), config.n_sample)
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        return generate(model, F.one_hot(labels, config.n_classes).float(), w, sampler=config.sampler,
-                        steps=config.sample_steps, eta=config.eta, clip_denoised=config.clip_denoised,
-                        spacing=config.spacing, seed=config.seed,
-                        keep=animation_states(model.ddpm, config.sampler, config.sample_steps,
-                                                 config.spacing))
+    return generate(model, F.one_hot(labels, config.n_classes).float(), w, sampler=config.sampler,
+                    steps=config.sample_steps, eta=config.eta, clip_denoised=config.clip_denoised,
+                    spacing=config.spacing, seed=config.seed, keep=grid_states(model, config))
+
+
+def write_grid_files(config: TrainConfig, epoch: int, w: float, generated: torch.Tensor, frames: np.ndarray,
+                     real: torch.Tensor, grid: bool, gif: bool) -> None:
+    """image_ep{E}_w{w}.png (generated rows above real rows) and gif_ep{E}_w{w}.gif, as asked."""
+    if grid:
+        utils.save_sample_grid(generated, real, os.path.join(config.out, f"image_ep{epoch}_w{w}.png"))
+    if gif:
+        utils.save_gif(frames, os.path.join(config.out, f"gif_ep{epoch}_w{w}.gif"))

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import training
+from lab.cli import one_line_errors
 from lab.checkpoints import load_checkpoint
 from ddpm import DDPM
 from train_mnist import MNIST
@@ -119,9 +120,15 @@ def test_sigterm_to_a_real_process_leaves_a_resumable_checkpoint(image_folder, t
 
 # ---- bad input: one line on stderr, exit code 2 ---------------------------------------------------------------
 
+def run_script(argv):
+    """What train_mnist.py does with the command line ``argv``."""
+    with one_line_errors():
+        training.train(training.command_line_config(MNIST, "test", argv))
+
+
 def run_cli(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        training.main(MNIST, "test", argv)
+        run_script(argv)
     error = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2
     return error
@@ -183,11 +190,11 @@ def test_missing_builtin_dataset_names_the_path(tmp_path, monkeypatch):
 
 def test_bad_checkpoints_are_refused_with_a_reason(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    training.main(MNIST, "test", tiny_argv(image_folder, out))
+    run_script(tiny_argv(image_folder, out))
     good = out / "model_ep1.pth"
     before = good.read_bytes()
     capsys.readouterr()
-    training.main(MNIST, "test", tiny_argv(image_folder, out))            # a new run never mixes into this one
+    run_script(tiny_argv(image_folder, out))            # a new run never mixes into this one
     assert "left as it is" in capsys.readouterr().out
     fresh = list((tmp_path / "runs").iterdir())
     assert len(fresh) == 1 and (fresh[0] / "model_ep1.pth").exists()
@@ -204,7 +211,7 @@ def test_bad_checkpoints_are_refused_with_a_reason(image_folder, tmp_path, capsy
 
 def test_non_finite_loss_stops_with_epoch_and_step(image_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    training.main(MNIST, "test", tiny_argv(image_folder, out))
+    run_script(tiny_argv(image_folder, out))
     before = (out / "model_ep1.pth").read_bytes()
     monkeypatch.setattr(DDPM, "forward",
                         lambda self, y, c: self.nn_model(y, torch.zeros(len(y)), c).sum() * float("nan"))

@@ -1,10 +1,11 @@
 """Measure training and sampling throughput (images/s), the plain path and the fast path side by side.
 
-    python tools/bench.py            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, 3 rounds
-    python tools/bench.py --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
-    python tools/bench.py --compile  # also torch.compile, on CUDA also CUDA graphs (warm-up excluded from the timing)
-    python tools/bench.py --devices cuda --configs cifar10 --batch-sizes 128 256 512 --compile     # on a GPU
-    python tools/bench.py --complete # time complete sampling runs instead of scaling a few timed steps
+    python -m tools.bench            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, 3 rounds
+    python -m tools.bench --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
+    python -m tools.bench --compile  # also torch.compile, on CUDA also CUDA graphs (warm-up excluded from the timing)
+    python -m tools.bench --devices cuda --configs cifar10 --batch-sizes 128 256 512 --compile     # on a GPU
+    python -m tools.bench --complete # time complete sampling runs instead of scaling a few timed steps
+    python -m tools.bench --quick --csv docs/speed/NAME.csv   # also write the tables as CSV (docs/speed.md reads them)
 
 Training: full steps of the real training loop (``training.training_step``: forward, loss, backward, Adam, EMA)
 on batches drawn from an in-memory uint8 tensor on the device, after warm-up. Sampling: ``DDPM.sample`` for
@@ -12,13 +13,17 @@ on batches drawn from an in-memory uint8 tensor on the device, after warm-up. Sa
 first), with the sheet's 400-step DDPM sampler and DDIM at 50 and 20 steps. Each step is one network call on
 the same batch, so by default a run of a few steps is timed and scaled to the whole run; --complete times
 every complete run. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the median
-round is reported, so that a load change on the machine hits both alike. The last line is JSON.
+round is reported, so that a load change on the machine hits both alike. The last line is JSON; --csv writes the
+same figures as a table (``csv_rows``), the form in which docs/speed.md keeps them.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import replace
 
@@ -33,6 +38,7 @@ from lab.generation import SamplingModel, generate, sampling_model
 from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, cpu_model
 from lab.train_config import GEOMETRY, MNIST, SCRIPT_DEFAULTS
 from training import Ranks, build_run, training_step
+from utils import write_rows_csv
 
 CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("cifar10", 64)}
 SAMPLERS = (("ddpm", 400), ("ddim", 50), ("dpm++2m", 20), ("ddim", 20))
@@ -214,6 +220,28 @@ def print_table(result: dict) -> None:
         f"{name} {rate:.2f}" for name, rate in result["evaluate_ddpm400_img_s"].items()) + f"  (x{after / before:.2f})")
 
 
+CSV_COLUMNS = ("machine", "device", "command", "config", "n_features", "guidance", "timing", "path", "batch_size",
+               "train_img_s", *(f"{sampler}{steps}_img_s" for sampler, steps in SAMPLERS))
+
+
+def csv_rows(result: dict, command: str, complete: bool, timed_steps: int) -> list[dict]:
+    """The rows of one ``measure`` result for --csv: one per path and training batch size (images/s of training and
+    of each sampler), then one per tools/evaluate.py-style run (path 'evaluate.py-style, N per call', its images/s
+    scaled to the DDPM sampler's 400 steps)."""
+    common = {"machine": result["machine"], "device": result["device"], "command": command,
+              "config": result["config"], "n_features": result["n_features"], "guidance": result["guidance"],
+              "timing": "complete runs" if complete else f"{timed_steps} steps timed, scaled"}
+    rows = []
+    for batch_size, train in result["train_img_s"].items():
+        for name in result["fast_path"]:
+            row = dict(common, path=name, batch_size=batch_size, train_img_s=round(train[name], 1))
+            row.update({f"{key}_img_s": round(rates[name], 2) for key, rates in result["sample_img_s"].items()})
+            rows.append(row)
+    for name, rate in result["evaluate_ddpm400_img_s"].items():
+        rows.append(dict(common, path=f"evaluate.py-style, {name}", ddpm400_img_s=round(rate, 2)))
+    return rows
+
+
 def main() -> None:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     flags = tool_flags(parser)
@@ -222,7 +250,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (and CUDA graphs on "
                         "CUDA); compiling is excluded from the timing")
     parser.add_argument("--emulated-bf16", action="store_true", help="also measure bf16 autocast on a CPU "
-                        "without native bf16 (11x-28x slower on the AVX2 CPU of README.txt)")
+                        "without native bf16 (11x-28x slower on the AVX2 CPU of docs/speed.md)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128],
@@ -233,10 +261,12 @@ def main() -> None:
                         "to the whole run (default: 8 with --quick, else 40)")
     parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
     parser.add_argument("--per-class", type=int, default=4, help="images per class in a sampling run (default 4)")
-    parser.add_argument("--eval-images", type=int, default=250, help="images of the tools/evaluate.py-style run at w = 1 "
-                        "(default 250)")
+    parser.add_argument("--eval-images", type=int, default=250, help="images of the tools/evaluate.py-style run at "
+                        "w = 1 (default 250)")
     parser.add_argument("--eval-steps", type=int, default=None, help="DDIM steps timed per round of the "
                         "tools/evaluate.py-style run (default: 2 with --quick, else 4)")
+    parser.add_argument("--csv", default=None, help="also write the results as a CSV table (docs/speed/*.csv); an "
+                        "existing file is replaced")
     add_guidance_flag(flags, many=False, default=1.0)
     args = parser.parse_args()
     args.train_steps = args.train_steps or (2 if args.quick else 5)
@@ -253,6 +283,12 @@ def main() -> None:
             result = dict(measure(torch.device(device), config_name, args), machine=machine)
             print_table(result)
             results.append(result)
+    if args.csv:
+        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+        command = "python -m tools.bench " + shlex.join(sys.argv[1:])
+        write_rows_csv([row for result in results for row in csv_rows(result, command, args.complete,
+                                                                        args.timed_steps)], args.csv, CSV_COLUMNS)
+        print(f"wrote {args.csv}")
     print(json.dumps({"torch": torch.__version__, "quick": args.quick, "results": results}))
 
 

@@ -12,7 +12,7 @@
 # GPU. Settings can be shrunk for a trial run on the CPU, e.g.
 #   DEVICE=cpu TRAIN_FLAGS="--epochs 1 --subset 128 --timesteps 20" EVAL_FLAGS="--n-per-class 2" DDIM_STEPS=10 \
 #       BENCH_FLAGS="--configs mnist --batch-sizes 8 --train-steps 1 --timed-steps 2 --rounds 1 --eval-images 20" \
-#       F64_SECONDS=0 bash tools/gpu_reference.sh /tmp/out ../shared/data
+#       F64_SECONDS=0 bash tools/gpu_reference.sh /tmp/out /path/to/data
 set -euo pipefail
 out="${1:?usage: bash tools/gpu_reference.sh OUT DATA}"
 data="${2:?usage: bash tools/gpu_reference.sh OUT DATA}"

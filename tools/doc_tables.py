@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import math
 import os
 import re
 import sys
@@ -75,7 +76,7 @@ def run_table(folder: str) -> list[str]:
     rows = read_rows(f"{folder}/loss.csv")
     by_epoch = {int(row["epoch"]): row for row in rows}
     last = max(by_epoch)
-    seconds = sum(float(row["seconds"]) for row in rows)
+    seconds = math.fsum(float(row["seconds"]) for row in rows)      # fsum: the same figure on every Python
     rates = [float(row["images_per_s"]) for row in rows]
     table = markdown(("epoch", "train loss", "test loss (EMA)", "seconds", "images/s"),
                      [(str(e), number(by_epoch[e]["train_loss"], 4), number(by_epoch[e]["test_loss"], 4),
@@ -83,7 +84,7 @@ def run_table(folder: str) -> list[str]:
                       for e in shown_epochs(last) if e in by_epoch])
     return [f"{folder}/loss.csv: {len(rows)} epochs, the last {last}; {seconds:,.1f} s of training in the column "
             f"seconds ({seconds / 3600:.1f} h); images/s per epoch {min(rates):,.1f} to {max(rates):,.1f}, "
-            f"mean {sum(rates) / len(rates):,.1f}.", ""] + table
+            f"mean {math.fsum(rates) / len(rates):,.1f}.", ""] + table
 
 
 def checkpoint_order(stem: str) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 A fixed decay (torch.optim.swa_utils.AveragedModel) forgets the first step's weights only as decay^n, too slowly
 for short runs; so the decay warms up as in TensorFlow's ExponentialMovingAverage: decay_n = min(decay,
-(1 + n) / (10 + n)) for the n-th update. README.txt ("Reference runs", EMA) has the measurement behind it."""
+(1 + n) / (10 + n)) for the n-th update. answers.txt (sheet 2, EMA) has the measurements of EMA against raw weights."""
 from __future__ import annotations
 
 import copy

@@ -2,7 +2,7 @@
 
 ``FastPath()`` is the straightforward path (fp32, eager, default memory format, per-tensor Adam, 250 images per
 sampling call); ``FastPath.for_machine(device)`` is the default fast path of the machine the device is on. The
-measurements behind each rule are in README.txt ("Measured speed"); --no-fast turns every choice off.
+measurements behind each rule are in docs/speed.md; --no-fast turns every choice off.
 
 The choice is made by rules, not by an autotune at start: the sampling chunk size changes which random numbers
 each image gets, and a table must come out the same from the same command on any machine of the same kind. The
@@ -36,7 +36,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PLAIN_SAMPLE_CHUNK = 250     # images per sampling call of the plain path
-CPU_SAMPLE_CHUNK = 80        # best of 20/40/80/160 on the AVX2 CPU for MNIST and CIFAR-10 at w > 0 (README.txt)
+CPU_SAMPLE_CHUNK = 80        # best of 20/40/80/160 on the AVX2 CPU for MNIST and CIFAR-10 at w > 0 (docs/speed.md)
 CUDA_SAMPLE_CHUNK = 500      # launch-bound: one call for all 50 images of each of 10 classes
 
 
@@ -99,8 +99,8 @@ class FastPath:
     @classmethod
     def for_machine(cls, device: torch.device, in_channels: int = 3, compile: bool = False,
                     machine: Machine | None = None) -> "FastPath":
-        """The default fast path on ``device`` for images of ``in_channels`` channels (README.txt, "Measured
-        speed", has the measurements behind each rule); ``compile`` adds torch.compile."""
+        """The default fast path on ``device`` for images of ``in_channels`` channels (docs/speed.md has the
+        measurements behind each rule); ``compile`` adds torch.compile."""
         machine = machine or Machine.of(device)
         compile_mode = compile_mode_for(machine.device_type, compile)
         if machine.device_type == "cuda":

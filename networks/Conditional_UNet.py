@@ -36,14 +36,14 @@ class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         _require_positive(in_channels=in_channels, out_channels=out_channels)
-        # BEGIN SOLUTION sheet1-unet ConvBlock layers
+        # BEGIN SOLUTION sheet1-convblock ConvBlock layers
         self.same_channels = in_channels == out_channels
         self.sub_block1 = _conv_bn_gelu(in_channels, out_channels)
         self.sub_block2 = _conv_bn_gelu(out_channels, out_channels)
         # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # BEGIN SOLUTION sheet1-unet ConvBlock.forward
+        # BEGIN SOLUTION sheet1-convblock ConvBlock.forward
         h1 = self.sub_block1(x)
         h2 = self.sub_block2(h1)
         shortcut = x if self.same_channels else h1
@@ -53,7 +53,7 @@ class ConvBlock(nn.Module):
 
 def _conv_bn_gelu(in_channels: int, out_channels: int) -> nn.Sequential:
     """One sub-block of ConvBlock: Conv2d(kernel 3, stride 1, padding 1) -> BatchNorm2d -> GELU."""
-    # BEGIN SOLUTION sheet1-unet ConvBlock sub-block
+    # BEGIN SOLUTION sheet1-convblock ConvBlock sub-block
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1),
         nn.BatchNorm2d(out_channels),
@@ -67,7 +67,7 @@ class Encoder_Block(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        # BEGIN SOLUTION sheet1-unet Encoder_Block layers
+        # BEGIN SOLUTION sheet1-encoder Encoder_Block layers
         self.layers = nn.Sequential(
             ConvBlock(in_channels, out_channels),
             ConvBlock(out_channels, out_channels),
@@ -76,7 +76,7 @@ class Encoder_Block(nn.Module):
         # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # BEGIN SOLUTION sheet1-unet Encoder_Block.forward
+        # BEGIN SOLUTION sheet1-encoder Encoder_Block.forward
         return self.layers(x)
         # END SOLUTION
 
@@ -92,7 +92,7 @@ class Decoder_Block(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, transpose: int):
         super().__init__()
         _require_positive(transpose=transpose)
-        # BEGIN SOLUTION sheet1-unet Decoder_Block layers
+        # BEGIN SOLUTION sheet1-decoder Decoder_Block layers
         self.layers = nn.Sequential(
             nn.ConvTranspose2d(in_channels, out_channels, kernel_size=transpose, stride=transpose),
             ConvBlock(out_channels, out_channels),
@@ -101,7 +101,7 @@ class Decoder_Block(nn.Module):
         # END SOLUTION
 
     def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None) -> torch.Tensor:
-        # BEGIN SOLUTION sheet1-unet Decoder_Block.forward
+        # BEGIN SOLUTION sheet1-decoder Decoder_Block.forward
         if x_skip is not None:
             x = torch.cat((x, x_skip), dim=1)
         return self.layers(x)
@@ -122,14 +122,14 @@ class Embedding_Block(nn.Module):
         if activation not in self.ACTIVATIONS:
             raise ValueError(f"activation must be one of {self.ACTIVATIONS}, got {activation!r}")
         self.in_channels = in_channels
-        # BEGIN SOLUTION sheet1-unet Embedding_Block layers
+        # BEGIN SOLUTION sheet1-embedding Embedding_Block layers
         self.linear1 = nn.Linear(in_channels, out_channels)
         self.activation = _Sine() if activation == "sin" else nn.GELU()
         self.linear2 = nn.Linear(out_channels, out_channels)
         # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # BEGIN SOLUTION sheet1-unet Embedding_Block.forward
+        # BEGIN SOLUTION sheet1-embedding Embedding_Block.forward
         x = x.reshape(-1, self.in_channels)
         return self.linear2(self.activation(self.linear1(x)))
         # END SOLUTION
@@ -139,7 +139,7 @@ class _Sine(nn.Module):
     """The sine activation of the time embedding as a module: x -> sin(x)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # BEGIN SOLUTION sheet1-unet sine activation
+        # BEGIN SOLUTION sheet1-embedding sine activation
         return torch.sin(x)
         # END SOLUTION
 
@@ -180,7 +180,7 @@ class UNet(nn.Module):
         self.decoder0 = Decoder_Block(2 * features, 2 * features, height // 4)
         self.decoder1 = Decoder_Block(4 * features, features, 2)
         self.decoder2 = Decoder_Block(2 * features, features, 2)
-        # BEGIN SOLUTION sheet1-unet UNet final block
+        # BEGIN SOLUTION sheet1-final-block UNet final block
         self.final = nn.Sequential(
             nn.Conv2d(2 * features, features, kernel_size=3, stride=1, padding=1),
             nn.GroupNorm(8, features),
@@ -200,7 +200,7 @@ class UNet(nn.Module):
             predicted noise [N, C, H, W].
         """
         self._check_inputs(x, t, c)
-        # BEGIN SOLUTION sheet1-unet UNet.forward
+        # BEGIN SOLUTION sheet1-unet-forward UNet.forward
         n = x.shape[0]
         features = self.n_features
 
@@ -239,10 +239,15 @@ def _require_positive(**sizes: int) -> None:
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
+    """The number of parameters that require a gradient computation."""
+    # BEGIN SOLUTION sheet1-parameter-check count_trainable_parameters
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # END SOLUTION
 
 
 def _check_on(device: str) -> None:
+    """Sheet 1's own check: both configurations on a dummy batch, with their trainable parameter counts."""
+    # BEGIN SOLUTION sheet1-parameter-check the check with a dummy input
     for channels, height in ((3, 32), (1, 28)):
         model = UNet(in_channels=channels, n_features=32, n_classes=10, height=height).to(device)
         x = torch.randn(4, channels, height, height, device=device)
@@ -252,6 +257,7 @@ def _check_on(device: str) -> None:
             out = model(x, t, c)
         print(f"{device}: UNet({channels}, 32, 10, {height}) {count_trainable_parameters(model)} trainable "
               f"parameters; input {list(x.shape)} -> output {list(out.shape)}")
+    # END SOLUTION
 
 
 if __name__ == "__main__":

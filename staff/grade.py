@@ -1,401 +1,599 @@
-"""Grade a student's copy of the exercise with the graded tests of this repository.
+"""Grade students' projects by the sheets: each task on its own, judged outside the student's process, in points.
 
-    python -m staff.grade [DIR] [--csv PATH | --no-csv] [--overwrite] [--timeout SECONDS] [--task TASK_ID ...]
+    python -m staff.grade SUBMISSION [--csv PATH | --no-csv] [--overwrite] [--task TASK_ID ...] [-v]
+    python -m staff.grade --class SUBMISSIONS_DIR --out REPORTS_DIR [--workers N]
 
-run from the repository root (``python staff/grade.py`` works from anywhere). DIR (default: the current folder)
-is the student's project. Its files are copied to a temporary folder, its tests/ there is replaced by this
-repository's tests/ (the student's own, possibly edited, tests do not count), and pytest runs the graded
-tests, those marked ``@pytest.mark.task(TASK_ID)``, with the grading plugin of tests/grading/plugin.py
-recording every result as a JSON line. The grade is a table, one row per task of TASKS
-(staff/handout.py): tests passed / total and the first failure's reason; it is printed and written as CSV
-(--csv PATH; default grade.csv in the current folder, which is never overwritten without --overwrite).
+SUBMISSION is a project folder or a .zip of one (the project may sit in one folder inside). --class grades every
+folder and .zip file in SUBMISSIONS_DIR side by side and writes REPORTS_DIR/class.csv (one row per submission: the
+points of each task, the total and the first failure) and REPORTS_DIR/<submission>/report.txt and report.csv.
+Common options: --timeout SECONDS (per task, default 60), --memory-gb GB (address space of a grading process,
+default 8), --workers N (processes running students' code at once, default: the CPUs), --keep DIR (keep the
+grading folder).
 
-Isolation: one pytest process runs every graded test (a module that fails to import costs only the tests in
-it). No pytest process may run longer than --timeout seconds; when the first one is killed or crashes, every
-task it did not finish is graded again in a process of its own that collects only that task's test files, so
-an endless loop or a crash costs the task it happens in. The expected tests (the totals) come from collecting
-this repository's own tests, done at the same time as the student's run.
+How a task is graded (staff/graded/): the task's checks (verdicts.py) each make inputs, a probe (probes.py) runs the
+student's code on them in a separate process (runner.py) and returns arrays, and the verdict compares those arrays
+with the sheets' mathematics here, in the grading process, where no student code runs. The code a task runs is
+  tier 1: the student's project with the reference's code in the regions of every *other* task (handout.py's
+          fill), so that a mistake, a syntax error, an exception, a crash or an endless loop in one task costs only
+          that task; and when a check fails there,
+  tier 2: the student's project as handed in (a task that builds on the student's own names elsewhere);
+the better of the two counts. A task's points are its points (staff/points.csv) times the share of the weight of
+its checks that passed. The student's tests/, conftest.py and pytest set-up are never used, the submission is
+copied and never written, and every job runs with the working folder, HOME and TMPDIR inside the grading folder.
 
-Exit status: 0 if every graded test passed, 1 if some failed, 2 if grading could not start.
-Only the standard library is used (and pytest in the subprocesses), and the code runs on Python 3.8.
+Exit status: 0 every task full, 1 some points lost, 2 grading could not start. Standard library plus numpy and
+torch (requirements.txt); Python 3.8.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
+import hashlib
 import json
+import math
 import os
+import queue
 import re
+import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):          # run as a file, python staff/grade.py: the package staff is in REPO
     sys.path.insert(0, REPO)
 
-from staff.handout import TASKS  # noqa: E402 (needs REPO on sys.path when run as a file)
+from staff import handout  # noqa: E402
+from staff.handout import TASKS  # noqa: E402
 
 DEFAULT_TIMEOUT = 60
+DEFAULT_MEMORY_GB = 8
 DEFAULT_CSV = "grade.csv"
-# Not copied into the grading folder: version control, environments, caches, data and results.
+POINTS_FILE = os.path.join(REPO, "staff", "points.csv")
+# Not copied into a grading workspace: version control, environments, caches, data, results and the student's
+# pytest set-up (the grader runs no test file of the submission).
 COPY_IGNORE = (".git", ".venv*", "venv", "__pycache__", ".pytest_cache", "data", "runs", "scratch", ".cache",
-               ".devdata", "log_*", "*.pth", "*.pyc", "grade.csv")
-# The student's own pytest set-up is not used: a top-level conftest.py would be loaded with the grader's tests
-# (the grader runs with a pytest.ini of its own, so no other configuration file is read).
-DROPPED_CONFIG = ("conftest.py", "pytest.ini")
-PYTEST_OK = (0, 1, 5)   # all passed, some failed, nothing collected: the run finished on its own
-_TASK_MARK = re.compile(r"""mark\.task\(\s*["']([A-Za-z0-9-]+)["']""")   # the task ids must be literal strings
+               ".devdata", "log_*", "*.pth", "*.pt", "*.pyc", "*.png", "*.gif", "grade.csv", "conftest.py",
+               "pytest.ini", "tests", "__MACOSX")
+MAX_ZIP_BYTES = 200 * 1024 * 1024
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 
 
-class Outcome(NamedTuple):
-    """One graded test's result: 'passed', 'failed' or 'skipped' (which does not pass), and why."""
-    outcome: str
+class CheckResult(NamedTuple):
+    check: str
+    passed: bool
     reason: str
-
-
-class Run(NamedTuple):
-    """What a pytest run recorded (see tests/grading/plugin.py) and how it ended."""
-    collected: Dict[str, Tuple[str, ...]]   # node id -> the tasks it grades, in collection order
-    results: Dict[str, Outcome]        # node id -> result
-    collect_errors: Dict[str, str]     # test file -> reason it could not be imported
-    last_started: Optional[str]        # the test that was running when the run ended
-    returncode: Optional[int]          # None: killed at the time limit
-    timeout: float
-
-    @property
-    def finished(self) -> bool:
-        return self.returncode in PYTEST_OK
+    weight: float
 
 
 class TaskGrade(NamedTuple):
-    """A task's row of the grade: tests passed / total, the first failure's reason and every failure."""
+    """A task's row: points earned of its points, checks passed of checks, the first failure's reason."""
     task: str
+    points: float
+    max_points: float
     passed: int
     total: int
     first_failure: str
-    failures: List[tuple]              # (node id, reason)
+    results: List[CheckResult]
+
+
+class SubmissionGrade(NamedTuple):
+    name: str
+    tasks: List[TaskGrade]
+    error: str = ""
+
+    @property
+    def total(self) -> float:
+        return round(sum(t.points for t in self.tasks), 2)
+
+    @property
+    def max_total(self) -> float:
+        return round(sum(t.max_points for t in self.tasks), 2)
+
+    @property
+    def first_failure(self) -> str:
+        if self.error:
+            return self.error
+        for task in self.tasks:
+            if task.first_failure:
+                return f"{task.task}: {task.first_failure}"
+        return ""
+
+
+def read_points(path: str = POINTS_FILE) -> Dict[str, float]:
+    """Task id -> points, from staff/points.csv (the one table staff edit)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        points = {row["task"]: float(row["points"]) for row in csv.DictReader(handle)}
+    unknown = set(points) - set(TASKS)
+    missing = set(TASKS) - set(points)
+    if unknown or missing:
+        raise ValueError(f"{path}: tasks unknown {sorted(unknown)}, missing {sorted(missing)}")
+    return points
+
+
+def task_points(points: float, results: Sequence[CheckResult]) -> float:
+    """points x (weight of the checks passed / weight of all checks), rounded to 0.01."""
+    total = sum(r.weight for r in results)
+    earned = sum(r.weight for r in results if r.passed)
+    return round(points * earned / total, 2) if total else 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Running pytest
+# Submissions: unpacking and the workspaces of the tasks
 # --------------------------------------------------------------------------------------------------------------
 
-def pytest_command(args: Sequence[str], record: str, ini: Optional[str] = None) -> List[str]:
-    """The pytest command line with the grading plugin's JSON record and no cache."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--grade-json", record]
-    if ini is not None:
-        command += ["-c", ini, "--rootdir", os.path.dirname(ini)]
-    return command + list(args)
+def find_project_root(folder: str) -> str:
+    """The folder holding the project: ``folder`` or the one folder inside it that holds ddpm.py or networks/."""
+    def is_project(path):
+        return os.path.isfile(os.path.join(path, "ddpm.py")) or os.path.isdir(os.path.join(path, "networks"))
+    if is_project(folder):
+        return folder
+    for current, dirs, _files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in ("__MACOSX", ".git"))
+        if is_project(current):
+            return current
+    return folder
 
 
-def run_with_timeout(command: Sequence[str], cwd: str, timeout: float, log_path: str) -> Optional[int]:
-    """Run a command with its output in ``log_path``; returns its exit status, or None if the time ran out.
-
-    The command runs in a session of its own, so that at the time limit it is killed with every process
-    it started.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONPATH")}
-    env.update(PYTHONDONTWRITEBYTECODE="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(list(command), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=(os.name == "posix"))
-        try:
-            return process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_tree(process)
-            return None
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    try:
-        if os.name == "posix":
-            os.killpg(process.pid, signal.SIGKILL)
-        else:
-            process.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
+def unpack(source: str, target: str) -> str:
+    """Copy a submission folder, or extract a .zip safely (no paths outside, limited size), into ``target``."""
+    if os.path.isdir(source):
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=False)
+        return find_project_root(target)
+    if not zipfile.is_zipfile(source):
+        raise ValueError(f"{source} is neither a folder nor a zip file")
+    os.makedirs(target)
+    with zipfile.ZipFile(source) as archive:
+        size = 0
+        for info in archive.infolist():
+            name = info.filename.replace("\\", "/")
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if info.is_dir() or not parts or ".." in parts or name.startswith("/"):
+                continue
+            if any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in COPY_IGNORE):
+                continue
+            size += info.file_size
+            if size > MAX_ZIP_BYTES:
+                raise ValueError(f"{source} unpacks to more than {MAX_ZIP_BYTES // 2 ** 20} MiB of code")
+            destination = os.path.join(target, *parts)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            with archive.open(info) as member, open(destination, "wb") as out:
+                shutil.copyfileobj(member, out)
+    return find_project_root(target)
 
 
-def read_record(path: str, returncode: Optional[int], timeout: float) -> Run:
-    """Parse the plugin's JSON-lines record of one run."""
-    collected: Dict[str, str] = {}
-    results: Dict[str, Outcome] = {}
-    errors: Dict[str, str] = {}
-    last_started = None
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    event = json.loads(line)
-                except ValueError:          # a line cut short by a kill
-                    continue
-                kind = event.get("event")
-                if kind == "collected" and event["tasks"]:
-                    collected[event["nodeid"]] = tuple(event["tasks"])
-                elif kind == "collect_error":
-                    errors[event["path"]] = event["reason"]
-                elif kind == "start":
-                    last_started = event["nodeid"]
-                elif kind == "result":
-                    results[event["nodeid"]] = Outcome(event["outcome"], event["reason"])
-    return Run(collected, results, errors, last_started, returncode, timeout)
-
-
-def run_graded_tests(workspace: str, args: Sequence[str], timeout: float, name: str) -> Run:
-    """Run pytest on graded tests in the prepared workspace (``args``: selection and test paths).
-
-    The record and pytest's output go next to the workspace, as <name>.jsonl and <name>.log.
-    """
-    record = os.path.join(os.path.dirname(workspace), f"{name}.jsonl")
-    log = os.path.join(os.path.dirname(workspace), f"{name}.log")
-    command = pytest_command(["--continue-on-collection-errors", "-m", "task"] + list(args), record,
-                             ini=os.path.join(workspace, "pytest.ini"))
-    returncode = run_with_timeout(command, workspace, timeout, log)
-    return read_record(record, returncode, timeout)
-
-
-def graded_test_files(repo: str) -> List[str]:
-    """The test files of ``repo`` ('tests/test_*.py') that mark a test with a task: the only ones collected.
-
-    Leaving out the others saves importing their modules, and a hang or crash there costs nothing.
-    """
-    folder = os.path.join(repo, "tests")
-    found = []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("test_") and name.endswith(".py"):
-            with open(os.path.join(folder, name), encoding="utf-8") as handle:
-                if "mark.task(" in handle.read():
-                    found.append(f"tests/{name}")
+def lenient_regions(text: str) -> List[handout.Region]:
+    """The well-formed regions of a student's file; broken or missing markers just leave a region out."""
+    lines = text.splitlines(keepends=True)
+    found, open_begin = [], None
+    for index, line in enumerate(lines):
+        begin = handout._BEGIN_RE.match(line.rstrip("\r\n"))
+        end = handout._END_RE.match(line.rstrip("\r\n"))
+        if begin is not None:
+            open_begin = (index, begin)
+        elif end is not None and open_begin is not None:
+            start, match = open_begin
+            if match.group("indent") == end.group("indent"):
+                found.append(handout.Region(match.group("task"), match.group("what"), match.group("indent"),
+                                            start, index))
+            open_begin = None
     return found
 
 
-def collect_inventory(repo: str = REPO, timeout: float = DEFAULT_TIMEOUT) -> Dict[str, Tuple[str, ...]]:
-    """Node id -> tasks of every graded test of ``repo``'s own tests, by collecting them (nothing runs).
+class Reference:
+    """The reference's files with regions, their regions, and the checks of every task."""
 
-    Modules of ``repo`` that fail to import are left out (``expected_tests`` then falls back on the markers
-    it reads in the test file).
-    """
-    files = graded_test_files(repo)
-    if not files:
-        return {}
-    with tempfile.TemporaryDirectory(prefix="grade-inventory-") as scratch:
-        record = os.path.join(scratch, "inventory.jsonl")
-        command = pytest_command(["--collect-only", "--continue-on-collection-errors", "-m", "task",
-                                  "--rootdir", repo] + files, record)
-        returncode = run_with_timeout(command, repo, timeout, os.path.join(scratch, "inventory.log"))
-        return dict(read_record(record, returncode, timeout).collected)
+    def __init__(self, repo: str = REPO):
+        self.repo = repo
+        self.files = {path: handout.read_text(os.path.join(repo, path))
+                      for path in handout.regions_of_repository(repo)}
+        self.regions = {path: handout.find_regions(text.splitlines(keepends=True), path)
+                        for path, text in self.files.items()}
+
+    def tasks_in(self, path: str) -> set:
+        return {r.task for r in self.regions.get(path, [])}
+
+    def filled(self, student_text: str, path: str, keep_task: Optional[str]) -> Tuple[str, List[str]]:
+        """The student's file with the reference's code in every region of a task other than ``keep_task``
+        (``None``: all of the student's own); returns the text and the regions whose markers are missing."""
+        lines = student_text.splitlines(keepends=True)
+        reference_lines = self.files[path].splitlines(keepends=True)
+        student = {(r.task, r.what): r for r in lenient_regions(student_text)}
+        missing = [f"{path}: {r.task} {r.what}" for r in self.regions[path] if (r.task, r.what) not in student]
+        if keep_task is None:
+            return student_text, missing
+        replacements = []
+        for region in self.regions[path]:
+            mine = student.get((region.task, region.what))
+            if mine is not None and region.task != keep_task:
+                replacements.append((mine, reference_lines[region.begin + 1:region.end]))
+        for mine, body in sorted(replacements, key=lambda pair: -pair[0].begin):
+            lines[mine.begin + 1:mine.end] = body
+        return "".join(lines), missing
+
+
+def edited_away(reference: Reference, project: str) -> Dict[str, List[str]]:
+    """Task -> the regions of that task whose markers the student's project lacks (or whose file is missing)."""
+    missing: Dict[str, List[str]] = {}
+    for path in reference.files:
+        location = os.path.join(project, path)
+        if not os.path.isfile(location):
+            for region in reference.regions[path]:
+                missing.setdefault(region.task, []).append(f"{path} is missing")
+            continue
+        _, lost = reference.filled(handout.read_text(location), path, None)
+        for entry in lost:
+            task = entry.split(": ", 1)[1].split(" ", 1)[0]
+            missing.setdefault(task, []).append(entry)
+    return missing
+
+
+def make_workspace(reference: Reference, project: str, target: str, keep_task: Optional[str]) -> str:
+    """A copy of the student's project, with the reference's regions of every task but ``keep_task`` (tier 1)
+    or exactly as handed in (``keep_task`` None, tier 2). Returns a hash of its files."""
+    shutil.copytree(project, target, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=False)
+    if keep_task is not None:
+        for path in reference.files:
+            location = os.path.join(target, path)
+            if os.path.isfile(location):
+                try:
+                    text = handout.read_text(location)
+                except (UnicodeDecodeError, OSError):
+                    continue
+                handout.write_text(location, reference.filled(text, path, keep_task)[0])
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(target):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, target).encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The grading folder
+# The runners (staff/graded/runner.py) and the jobs
 # --------------------------------------------------------------------------------------------------------------
 
-def prepare_workspace(student_dir: str, workspace: str, grader_repo: str = REPO) -> None:
-    """Copy the student's project to ``workspace`` with the grader's tests/ and pytest.ini (or an empty one)."""
-    if not os.path.isdir(student_dir):
-        raise FileNotFoundError(f"{student_dir} is not a folder")
-    shutil.copytree(student_dir, workspace, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=True)
-    for name in DROPPED_CONFIG:
-        path = os.path.join(workspace, name)
-        if os.path.isfile(path):
-            os.remove(path)
-    shutil.rmtree(os.path.join(workspace, "tests"), ignore_errors=True)
-    shutil.copytree(os.path.join(grader_repo, "tests"), os.path.join(workspace, "tests"),
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "mutants"))
-    grader_ini = os.path.join(grader_repo, "pytest.ini")
-    if os.path.isfile(grader_ini):
-        shutil.copy(grader_ini, os.path.join(workspace, "pytest.ini"))
-    else:
-        with open(os.path.join(workspace, "pytest.ini"), "w", encoding="utf-8") as handle:
-            handle.write("[pytest]\n")
+class Runner:
+    """One runner process: imports the libraries once and forks a process per job."""
+
+    def __init__(self, scratch: str, memory_bytes: int):
+        self.scratch, self.memory_bytes = scratch, memory_bytes
+        self.process = None
+        self.start()
+
+    def start(self) -> None:
+        home = os.path.join(self.scratch, "home")
+        tmp = os.path.join(self.scratch, "tmp")
+        os.makedirs(home, exist_ok=True)
+        os.makedirs(tmp, exist_ok=True)
+        env = {key: value for key, value in os.environ.items()
+               if key in ("PATH", "LANG", "LC_ALL", "SYSTEMROOT", "VIRTUAL_ENV")}
+        env.update(HOME=home, TMPDIR=tmp, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   OMP_WAIT_POLICY="PASSIVE", MPLBACKEND="Agg", MPLCONFIGDIR=os.path.join(home, "mpl"),
+                   TORCH_HOME=os.path.join(home, "torch"), PYTHONHASHSEED="0")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "staff", "graded", "runner.py"), "--memory-bytes",
+             str(self.memory_bytes)], cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(os.path.join(self.scratch, "runner.log"), "ab"), universal_newlines=True, bufsize=1)
+
+    def run(self, job: dict) -> dict:
+        """Send a job and wait for its answer; a runner that died is restarted (the job counts as crashed)."""
+        try:
+            self.process.stdin.write(json.dumps(job) + "\n")
+            self.process.stdin.flush()
+            answer = self.process.stdout.readline()
+        except (BrokenPipeError, OSError):
+            answer = ""
+        if not answer:
+            self.close()
+            self.start()
+            return {"id": job["id"], "status": "died", "detail": "the grading process running it ended"}
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
 
 
-def tasks_in_test_file(path: str) -> Set[str]:
-    """The task ids a test file's ``mark.task("...")`` markers name, read from its text (nothing imported)."""
+class Grader:
+    """Grades submissions with a pool of runners; identical workspaces of one grading share their results."""
+
+    def __init__(self, scratch: str, workers: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT,
+                 memory_gb: float = DEFAULT_MEMORY_GB, seed: Optional[int] = None, repo: str = REPO,
+                 reuse: bool = True):
+        from staff.graded import verdicts
+        self.verdicts = verdicts
+        self.scratch, self.timeout, self.reuse = scratch, timeout, reuse
+        os.makedirs(scratch, exist_ok=True)
+        self.reference = Reference(repo)
+        self.points = read_points()
+        self.seed = secrets.randbelow(2 ** 31) if seed is None else seed
+        self.inputs = {}
+        import numpy as np
+        for index, item in enumerate(verdicts.CHECKS):
+            self.inputs[item.name] = item.inputs(np.random.default_rng([self.seed, index]))
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.memory_bytes = int(memory_gb * 2 ** 30)
+        self.runners: "queue.Queue[Runner]" = queue.Queue()
+        self._runner_lock = threading.Lock()
+        self._started = 0
+        self._results: Dict[str, list] = {}
+        self._pending: Dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._counter = 0
+
+    def _runner(self) -> Runner:
+        with self._runner_lock:
+            if self._started < self.workers and self.runners.empty():
+                self._started += 1
+                folder = os.path.join(self.scratch, f"runner{self._started}")
+                os.makedirs(folder, exist_ok=True)
+                return Runner(folder, self.memory_bytes)
+        return self.runners.get()
+
+    def close(self) -> None:
+        while not self.runners.empty():
+            self.runners.get().close()
+
+    def run_task(self, workspace: str, digest: str, task: str) -> List[CheckResult]:
+        """Run a task's checks on a workspace and judge them (or reuse the results of an identical workspace)."""
+        key = f"{task}:{digest}"
+        with self._lock:
+            if self.reuse and key in self._results:
+                return self._results[key]
+            waiting = self._pending.get(key) if self.reuse else None
+            if waiting is None:
+                self._pending[key] = threading.Event()
+        if waiting is not None:
+            waiting.wait()
+            return self._results[key]
+        try:
+            results = self._run_task(workspace, task)
+        finally:
+            with self._lock:
+                self._results.setdefault(key, results if "results" in locals() else [])
+                self._pending.pop(key).set()
+        return results
+
+    def _run_task(self, workspace: str, task: str) -> List[CheckResult]:
+        import numpy as np
+        checks = self.verdicts.checks_of(task)
+        with self._lock:
+            self._counter += 1
+            job_id = self._counter
+        io_dir = os.path.join(os.path.dirname(workspace), f"io-{os.path.basename(workspace)}")
+        os.makedirs(io_dir)
+        for item in checks:
+            np.savez(os.path.join(io_dir, f"{item.name}.in.npz"), **self.inputs[item.name])
+        runner = self._runner()
+        try:
+            answer = runner.run({"id": job_id, "workspace": workspace, "io": io_dir, "timeout": self.timeout,
+                                 "probes": [[item.name, item.probe] for item in checks]})
+        finally:
+            self.runners.put(runner)
+        return [self.judge(item, io_dir, answer) for item in checks]
+
+    def judge(self, item, io_dir: str, answer: dict) -> CheckResult:
+        """The verdict on one check, from the arrays its probe wrote (never from what the job says of itself)."""
+        import numpy as np
+        out_path = os.path.join(io_dir, f"{item.name}.out.npz")
+        err_path = os.path.join(io_dir, f"{item.name}.err")
+        if os.path.isfile(out_path) and os.path.getsize(out_path) <= MAX_OUTPUT_BYTES:
+            try:
+                with np.load(out_path, allow_pickle=False) as loaded:
+                    outputs = {key: loaded[key] for key in loaded.files}
+                item.verify(self.inputs[item.name], outputs)
+                return CheckResult(item.name, True, "", item.weight)
+            except self.verdicts.Failed as failure:
+                return CheckResult(item.name, False, str(failure)[:400], item.weight)
+            except Exception as error:                     # noqa: BLE001 (malformed arrays from the student's run)
+                return CheckResult(item.name, False, f"unusable result ({type(error).__name__}: {error})"[:400],
+                                   item.weight)
+        if os.path.isfile(err_path):
+            with open(err_path, encoding="utf-8", errors="replace") as handle:
+                return CheckResult(item.name, False, handle.read(400).strip() or "failed", item.weight)
+        if answer.get("status") == "timeout":
+            return CheckResult(item.name, False, f"timeout: the task {answer.get('detail')}", item.weight)
+        if answer.get("status") == "died":
+            return CheckResult(item.name, False, f"crashed: the task's process {answer.get('detail')}", item.weight)
+        return CheckResult(item.name, False, "no result: the task's process ended before this check finished",
+                           item.weight)
+
+    def grade(self, source: str, name: Optional[str] = None, tasks: Optional[Sequence[str]] = None) -> SubmissionGrade:
+        """Grade one submission (folder or zip) on ``tasks`` (default: all), its tasks in parallel."""
+        name = name or os.path.basename(os.path.normpath(source))
+        folder = tempfile.mkdtemp(prefix="submission-", dir=self.scratch)
+        selected = list(tasks) if tasks else list(TASKS)
+        try:
+            project = unpack(source, os.path.join(folder, "submitted"))
+        except (ValueError, OSError, zipfile.BadZipFile) as error:
+            empty = [TaskGrade(t, 0.0, self.points[t], 0, len(self.verdicts.checks_of(t)),
+                               f"could not be read: {error}", []) for t in selected]
+            return SubmissionGrade(name, empty, f"could not be read: {error}")
+        missing = edited_away(self.reference, project)
+        as_handed_in = {}
+
+        def tier2_digest():
+            with self._lock:
+                if "digest" not in as_handed_in:
+                    as_handed_in["path"] = os.path.join(folder, "as-handed-in")
+                    as_handed_in["digest"] = make_workspace(self.reference, project, as_handed_in["path"], None)
+            return as_handed_in["path"], as_handed_in["digest"]
+
+        def grade_task(task: str) -> TaskGrade:
+            points = self.points[task]
+            workspace = os.path.join(folder, f"tier1-{task}")
+            digest = make_workspace(self.reference, project, workspace, task)
+            results = self.run_task(workspace, digest, task)
+            if not all(r.passed for r in results):
+                path, digest2 = tier2_digest()
+                if digest2 != digest:
+                    copy = os.path.join(folder, f"tier2-{task}")
+                    shutil.copytree(path, copy)
+                    second = self.run_task(copy, digest2, task)
+                    if task_points(points, second) > task_points(points, results):
+                        results = second
+            failures = [r for r in results if not r.passed]
+            reason = failures[0].reason if failures else ""
+            if task in missing:
+                note = "markers edited away: " + "; ".join(missing[task])
+                reason = f"{note}; {reason}" if reason else note
+            return TaskGrade(task, task_points(points, results), points, len(results) - len(failures), len(results),
+                             reason, results)
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            graded = list(pool.map(grade_task, selected))
+        return SubmissionGrade(name, graded)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------------------
+
+def format_points(value: float) -> str:
+    return f"{value:g}"
+
+
+def format_table(grade: SubmissionGrade, verbose: bool = False) -> str:
+    width = max(len("task"), *(len(t.task) for t in grade.tasks))
+    lines = [f"{'task':<{width}}  {'points':>9}  {'checks':>6}  first failure",
+             f"{'-' * width}  {'-' * 9}  {'-' * 6}  {'-' * 40}"]
+    for t in grade.tasks:
+        score = f"{format_points(t.points)}/{format_points(t.max_points)}"
+        lines.append(f"{t.task:<{width}}  {score:>9}  {f'{t.passed}/{t.total}':>6}  {t.first_failure}".rstrip())
+        if verbose:
+            lines += [f"{'':<{width}}    FAILED {r.check}: {r.reason}" for r in t.results if not r.passed]
+    lines.append(f"{'total':<{width}}  {format_points(grade.total) + '/' + format_points(grade.max_total):>9}")
+    return "\n".join(lines)
+
+
+TASK_CSV_FIELDS = ["task", "points", "max_points", "checks_passed", "checks", "first_failure"]
+
+
+def write_task_csv(grade: SubmissionGrade, path: str) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(TASK_CSV_FIELDS)
+        for t in grade.tasks:
+            writer.writerow([t.task, format_points(t.points), format_points(t.max_points), t.passed, t.total,
+                             t.first_failure])
+        writer.writerow(["total", format_points(grade.total), format_points(grade.max_total), "", "", ""])
+
+
+def write_class_csv(grades: Sequence[SubmissionGrade], tasks: Sequence[str], path: str) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["submission"] + list(tasks) + ["total", "max", "first_failure"])
+        for g in grades:
+            by_task = {t.task: t for t in g.tasks}
+            writer.writerow([g.name] + [format_points(by_task[t].points) if t in by_task else "" for t in tasks]
+                            + [format_points(g.total), format_points(g.max_total), g.first_failure])
+
+
+def write_report(grade: SubmissionGrade, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "report.txt"), "w", encoding="utf-8") as handle:
+        handle.write(f"Grade of {grade.name}\n\n{format_table(grade, verbose=True)}\n")
+    write_task_csv(grade, os.path.join(folder, "report.csv"))
+
+
+def submissions_in(folder: str) -> List[Tuple[str, str]]:
+    """(name, path) of every folder and .zip file in ``folder``, sorted by name."""
+    found = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if entry.startswith("."):
+            continue
+        if os.path.isdir(path):
+            found.append((entry, path))
+        elif entry.lower().endswith(".zip"):
+            found.append((entry[:-4], path))
+    return found
+
+
+def grade_class(submissions_dir: str, out: str, workers: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT,
+                memory_gb: float = DEFAULT_MEMORY_GB, keep: Optional[str] = None, reuse: bool = True,
+                tasks: Optional[Sequence[str]] = None, log=None) -> List[SubmissionGrade]:
+    """Grade every submission of a folder; writes OUT/class.csv and OUT/<name>/report.{txt,csv}."""
+    found = submissions_in(submissions_dir)
+    if not found:
+        raise FileNotFoundError(f"{submissions_dir} holds no submission (folders or .zip files)")
+    os.makedirs(out, exist_ok=True)
+    scratch = keep or tempfile.mkdtemp(prefix="grade-class-")
+    os.makedirs(scratch, exist_ok=True)
+    grader = Grader(scratch, workers, timeout, memory_gb, reuse=reuse)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return set(_TASK_MARK.findall(handle.read()))
-    except OSError:
-        return set()
+        with ThreadPoolExecutor(max_workers=max(1, min(len(found), grader.workers))) as pool:
+            futures = [(name, pool.submit(grader.grade, path, name, tasks)) for name, path in found]
+            grades = []
+            for name, future in futures:
+                grade = future.result()
+                write_report(grade, os.path.join(out, name))
+                grades.append(grade)
+                if log is not None:
+                    log(f"{name}: {format_points(grade.total)}/{format_points(grade.max_total)}")
+    finally:
+        grader.close()
+        if keep is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    write_class_csv(grades, list(tasks) if tasks else list(TASKS), os.path.join(out, "class.csv"))
+    return grades
 
 
-def file_of(nodeid: str) -> str:
-    """The test file of a node id: 'tests/test_unet.py::test_x[1]' -> 'tests/test_unet.py'."""
-    return nodeid.split("::")[0]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Grading
-# --------------------------------------------------------------------------------------------------------------
-
-def grade(student_dir: str, grader_repo: str = REPO, timeout: float = DEFAULT_TIMEOUT,
-          tasks: Optional[Sequence[str]] = None, inventory: Optional[Dict[str, Tuple[str, ...]]] = None,
-          keep: Optional[str] = None) -> List[TaskGrade]:
-    """Grade ``student_dir`` with the graded tests of ``grader_repo``: one TaskGrade per task of TASKS.
-
-    ``tasks`` limits the grade to those tasks; ``inventory`` (node id -> tasks, from ``collect_inventory``)
-    saves collecting the grader's tests again when one grades many folders; ``keep`` names a new folder to
-    keep the grading folder, records and pytest logs in.
-    """
-    selected = list(tasks) if tasks else list(TASKS)
-    if keep is not None and os.path.exists(keep) and os.listdir(keep):
-        raise FileExistsError(f"{keep} exists and is not empty; --keep needs a new folder")
+def grade_one(source: str, tasks: Optional[Sequence[str]] = None, timeout: float = DEFAULT_TIMEOUT,
+              memory_gb: float = DEFAULT_MEMORY_GB, workers: Optional[int] = None,
+              keep: Optional[str] = None) -> SubmissionGrade:
     scratch = keep or tempfile.mkdtemp(prefix="grade-")
     os.makedirs(scratch, exist_ok=True)
+    grader = Grader(scratch, workers, timeout, memory_gb)
     try:
-        workspace = os.path.join(scratch, "work")
-        prepare_workspace(student_dir, workspace, grader_repo)
-        selection = [arg for task in (tasks or []) for arg in ("--task", task)]
-        files = graded_test_files(workspace)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending_inventory = None if inventory is not None else pool.submit(collect_inventory, grader_repo,
-                                                                                 timeout)
-            if files:
-                first = run_graded_tests(workspace, selection + files, timeout, "all")
-            else:
-                first = Run({}, {}, {}, None, 0, timeout)      # no graded tests at all: nothing to run
-            if pending_inventory is not None:
-                inventory = pending_inventory.result()
-        expected = expected_tests(inventory, first, workspace, selected)
-        runs = {task: first for task in selected}
-        if not first.finished and sum(1 for nodeids in expected.values() if nodeids) > 1:
-            runs.update(rerun_each_task(workspace, unfinished_tasks(expected, first), expected, timeout))
-        return [grade_task(task, expected[task], runs[task]) for task in selected]
+        return grader.grade(source, tasks=tasks)
     finally:
+        grader.close()
         if keep is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def rerun_each_task(workspace: str, tasks: Sequence[str], expected: Dict[str, List[str]],
-                    timeout: float) -> Dict[str, Run]:
-    """Run each task's tests in a pytest process of its own that collects only the task's test files.
-
-    The processes run side by side, as many as there are CPUs.
-    """
-    def run_task(task: str) -> Run:
-        files = sorted({file_of(nodeid) for nodeid in expected[task]})
-        return run_graded_tests(workspace, ["--task", task] + files, timeout, f"task-{task}")
-    if not tasks:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:
-        return dict(zip(tasks, pool.map(run_task, tasks)))
-
-
-def expected_tests(inventory: Dict[str, Tuple[str, ...]], run: Run, workspace: str,
-                   selected: Sequence[str]) -> Dict[str, List[str]]:
-    """Task -> node ids it is graded on: the grader's own tests, plus any the student's run collected.
-
-    A test file that failed to import in the student's run and is missing from the inventory counts as one
-    test, '<file>::(import)', of every task its markers name.
-    """
-    expected: Dict[str, List[str]] = {task: [] for task in selected}
-    for nodeid, tasks in list(inventory.items()) + list(run.collected.items()):
-        for task in tasks:
-            if task in expected and nodeid not in expected[task]:
-                expected[task].append(nodeid)
-    known_files = {file_of(nodeid) for nodeid in inventory}
-    for path in run.collect_errors:
-        if path in known_files:
-            continue
-        for task in tasks_in_test_file(os.path.join(workspace, path)):
-            if task in expected:
-                expected[task].append(f"{path}::(import)")
-    return expected
-
-
-def unfinished_tasks(expected: Dict[str, List[str]], run: Run) -> List[str]:
-    """Tasks of which a test has no result and no import error explains it (the run was killed or crashed)."""
-    return [task for task, nodeids in expected.items()
-            if any(nodeid not in run.results and file_of(nodeid) not in run.collect_errors
-                   for nodeid in nodeids)]
-
-
-def grade_task(task: str, nodeids: List[str], run: Run) -> TaskGrade:
-    """Count a task's passed tests in a run; a test without a result fails with the reason the run gives."""
-    failures = []
-    for nodeid in nodeids:
-        result = run.results.get(nodeid)
-        if result is None:
-            failures.append((nodeid, missing_reason(nodeid, run)))
-        elif result.outcome != "passed":
-            failures.append((nodeid, result.reason or result.outcome))
-    passed = len(nodeids) - len(failures)
-    return TaskGrade(task, passed, len(nodeids), failures[0][1] if failures else "", failures)
-
-
-def missing_reason(nodeid: str, run: Run) -> str:
-    """Why a test of a run has no result: its module did not import, the time ran out, or pytest stopped."""
-    error = run.collect_errors.get(file_of(nodeid))
-    if error is not None:
-        return f"{file_of(nodeid)} could not be imported: {error}"
-    if run.returncode is None:
-        if nodeid == run.last_started:
-            return f"timeout: the test did not finish within the {run.timeout:g} s limit of its pytest run"
-        during = f"while {run.last_started} ran" if run.last_started else "while collecting the tests"
-        return f"timeout: not run, the pytest run reached its {run.timeout:g} s limit {during}"
-    if nodeid == run.last_started:
-        return f"crashed: pytest stopped with exit status {run.returncode} during this test"
-    return f"not run: pytest stopped with exit status {run.returncode}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reporting
-# --------------------------------------------------------------------------------------------------------------
-
-def grade_rows(grades: Sequence[TaskGrade]) -> List[List[str]]:
-    """The table's rows: task, passed, total, first failure."""
-    rows = []
-    for g in grades:
-        reason = g.first_failure if g.total else "no graded tests yet"
-        rows.append([g.task, str(g.passed), str(g.total), reason])
-    return rows
-
-
-def format_table(grades: Sequence[TaskGrade]) -> str:
-    """The grade as a text table, with a total line."""
-    rows = grade_rows(grades)
-    width = max([len("task")] + [len(row[0]) for row in rows])
-    lines = [f"{'task':<{width}}  {'passed':>7}  first failure", f"{'-' * width}  {'-' * 7}  {'-' * 40}"]
-    for task, passed, total, reason in rows:
-        lines.append(f"{task:<{width}}  {passed + '/' + total:>7}  {reason}".rstrip())
-    passed = sum(g.passed for g in grades)
-    total = sum(g.total for g in grades)
-    lines.append(f"{'total':<{width}}  {f'{passed}/{total}':>7}")
-    return "\n".join(lines)
-
-
-def write_csv(grades: Sequence[TaskGrade], path: str) -> None:
-    """The same table as CSV: task, passed, total, first_failure."""
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["task", "passed", "total", "first_failure"])
-        writer.writerows(grade_rows(grades))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Grade a student's project with the graded tests of this repository: per task, tests "
-                    "passed / total and the first failure's reason, printed and written as CSV.")
-    parser.add_argument("directory", nargs="?", default=".", metavar="DIR",
-                        help="the student's project (default: the current folder)")
-    parser.add_argument("--csv", metavar="PATH", default=None,
-                        help=f"write the table here (default: {DEFAULT_CSV} in the current folder, which is not "
-                             f"overwritten without --overwrite)")
-    parser.add_argument("--no-csv", action="store_true", help="only print the table")
+        description="Grade a student's project (a folder or a .zip) by the sheets, task by task, in points; or a "
+                    "whole class with --class.")
+    parser.add_argument("submission", nargs="?", metavar="SUBMISSION", help="a project folder or .zip file")
+    parser.add_argument("--class", dest="class_dir", metavar="SUBMISSIONS_DIR",
+                        help="grade every folder and .zip file in this folder (with --out)")
+    parser.add_argument("--out", metavar="REPORTS_DIR", help="with --class: where class.csv and the reports go")
+    parser.add_argument("--csv", metavar="PATH", help=f"one submission: write its table here (default "
+                                                      f"{DEFAULT_CSV}, never overwritten without --overwrite)")
+    parser.add_argument("--no-csv", action="store_true", help="one submission: only print the table")
     parser.add_argument("--overwrite", action="store_true", help=f"allow overwriting an existing {DEFAULT_CSV}")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help=f"time limit of each pytest process, the first (all tasks) and each task's "
-                             f"rerun (default: {DEFAULT_TIMEOUT})")
-    parser.add_argument("--task", action="append", metavar="TASK_ID",
-                        help="grade only this task (repeatable)")
-    parser.add_argument("--keep", metavar="DIR", help="keep the grading folder, records and pytest logs in DIR")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also list every failed test")
+                        help=f"time limit of one task's process (default {DEFAULT_TIMEOUT})")
+    parser.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_GB, metavar="GB",
+                        help=f"address-space limit of one task's process (default {DEFAULT_MEMORY_GB})")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes running students' code at once (default: the CPUs)")
+    parser.add_argument("--task", action="append", metavar="TASK_ID", help="grade only this task (repeatable)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the grading folder (workspaces, inputs, outputs) in DIR")
+    parser.add_argument("-v", "--verbose", action="store_true", help="list every failed check")
     return parser
 
 
@@ -405,28 +603,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [task for task in args.task or [] if task not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    if not os.path.isdir(args.directory):
-        parser.error(f"{args.directory} is not a folder")
+    if os.name != "posix":
+        print("grade.py: error: grading needs a POSIX system (fork, sessions, resource limits)", file=sys.stderr)
+        return 2
+    if args.keep and os.path.exists(args.keep) and os.listdir(args.keep):
+        print(f"grade.py: error: {args.keep} exists and is not empty; --keep needs a new folder", file=sys.stderr)
+        return 2
+    if args.class_dir:
+        if not args.out:
+            parser.error("--class needs --out REPORTS_DIR")
+        start = time.monotonic()
+        try:
+            grades = grade_class(args.class_dir, args.out, args.workers, args.timeout, args.memory_gb, args.keep,
+                                 tasks=args.task, log=print)
+        except FileNotFoundError as error:
+            print(f"grade.py: error: {error}", file=sys.stderr)
+            return 2
+        print(f"graded {len(grades)} submissions in {time.monotonic() - start:.0f} s; wrote "
+              f"{os.path.join(args.out, 'class.csv')}")
+        return 0 if all(g.total == g.max_total for g in grades) else 1
+    if not args.submission:
+        parser.error("give SUBMISSION, or --class SUBMISSIONS_DIR --out REPORTS_DIR")
+    if not os.path.exists(args.submission):
+        parser.error(f"{args.submission} does not exist")
     csv_path = None if args.no_csv else (args.csv or DEFAULT_CSV)
     if csv_path == DEFAULT_CSV and args.csv is None and os.path.exists(csv_path) and not args.overwrite:
         print(f"grade.py: error: {csv_path} exists; pass --overwrite, or --csv PATH for another file",
               file=sys.stderr)
         return 2
-    try:
-        grades = grade(args.directory, REPO, args.timeout, args.task, keep=args.keep)
-    except FileExistsError as error:
-        print(f"grade.py: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Grade of {os.path.abspath(args.directory)} (tests of {REPO}):\n")
-    print(format_table(grades))
-    if args.verbose:
-        for g in grades:
-            for nodeid, reason in g.failures:
-                print(f"FAILED {nodeid}: {reason}")
+    grade = grade_one(args.submission, args.task, args.timeout, args.memory_gb, args.workers, args.keep)
+    print(f"Grade of {os.path.abspath(args.submission)} (checks of {REPO}):\n")
+    print(format_table(grade, args.verbose))
     if csv_path is not None:
-        write_csv(grades, csv_path)
+        write_task_csv(grade, csv_path)
         print(f"\nwrote {csv_path}")
-    return 0 if all(g.passed == g.total for g in grades) else 1
+    return 0 if grade.total == grade.max_total else 1
 
 
 if __name__ == "__main__":

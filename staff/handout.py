@@ -43,10 +43,34 @@ class Task(NamedTuple):
 # Task id -> title and the sheet's instruction (quoted in every stub of the task, so at most about 200 characters).
 # Sheet 1: ../shared/seeds/000_33643ade1e752521.txt, sheet 2: ../shared/seeds/003_b5fe0bdf44cae1a0.txt.
 TASKS: Dict[str, Task] = {
-    "sheet1-unet": Task(
-        "Sheet 1, task 1: the U-Net (ConvBlock, Encoder_Block, Decoder_Block, Embedding_Block, UNet)",
-        "Follow the implementation depicted in figures 3 and 4. The code for U-Net should be written in the "
-        "file networks/Conditional_UNet.py."),
+    "sheet1-convblock": Task(
+        "Sheet 1, task 1: ConvBlock",
+        "Two sub-blocks Conv2D (kernel 3, stride 1, padding 1) -> BatchNorm2D -> GELU; residual (input + h2) if "
+        "in == out channels, else (h1 + h2); normalised by sqrt(2)."),
+    "sheet1-encoder": Task(
+        "Sheet 1, task 1: Encoder_Block",
+        "Two consecutive ConvBlocks followed by a max pooling layer with kernel size and stride of 2; the first "
+        "ConvBlock outputs out_channels. Define the forward pass."),
+    "sheet1-decoder": Task(
+        "Sheet 1, task 1: Decoder_Block",
+        "A transpose convolution with kernel size and stride = transpose, followed by two ConvBlocks; concatenate "
+        "the skip connection inside the block (x first)."),
+    "sheet1-embedding": Task(
+        "Sheet 1, task 1: Embedding_Block",
+        "Two linear layers with an activation in between ('sin': sine, 'GELU': GELU); the first increases the "
+        "channels, the second keeps them. Define the forward pass."),
+    "sheet1-final-block": Task(
+        "Sheet 1, task 1: the final block of UNet (in __init__, as self.final)",
+        "Conv2D (kernel 3, stride 1, padding 1) halving the channels -> GroupNorm with 8 groups -> ReLU -> Conv2D "
+        "(kernel 3, stride 1, padding 1) to the image's channels."),
+    "sheet1-unet-forward": Task(
+        "Sheet 1, task 1: UNet.forward",
+        "Define the forward pass for the class UNet, following figures 3 and 4 (the wiring is in this file's "
+        "docstring)."),
+    "sheet1-parameter-check": Task(
+        "Sheet 1, task 1: your own check under __main__",
+        "Check the network with a dummy input for both CPU/GPU and print the number of parameters that require a "
+        "gradient computation."),
     "sheet1-schedule": Task(
         "Sheet 1, task 2: ddpm_schedule, the linear variance schedule",
         "Define the method ddpm_schedule in such a way that it creates beta_1, ..., beta_T as a linearly "
@@ -137,13 +161,71 @@ HAND_IN = [
 
 # Paths that never go into a handout (fnmatch patterns on '/'-separated paths relative to the repository root).
 RESULT_PATTERNS = ["log_*/*", "*.pth", "*.pt", "answers.txt"]
-RESULTS_KEPT = ["classifiers/*.pt"]          # the grader's sample-quality metrics may need the judges
+RESULTS_KEPT: List[str] = []
 STAFF_ONLY = [
-    "staff/*",               # the handout, the grader and the mutants (wrong solutions that quote the solution)
-    "tests/test_handout.py",  # checks the reference, its handout and the mutants: fails in a handout by design
-    "tools/bench.py", "tools/gpu_reference.sh", "tools/experiments.py",   # no sheet task needs them
-    "tests/test_experiments.py",  # tests tools/experiments.py, which is not handed out
+    "staff/*",               # the handout, the grader, its checks, the mutants and correct variants
+    "tests/*",               # the reference's own suite; the students get PUBLIC_TESTS only
+    "tools/*",               # one command each beyond the sheets (sampling mixtures, metrics, benchmarks, GPU)
+    "lab/metrics.py", "lab/judge.py", "lab/sample_quality.py",   # 2.2 e's metrics: the open task's answer
+    "classifiers/*",         # the judges of those metrics
+    "docs/*",                # results, speed, the staff guide
+    ".ci/*",                 # the reference's CI
 ]
+# Tests the students get: properties of their code (shapes, statistics, the closed form against the iterated chain,
+# determinism), no solution as code (tests/test_handout.py searches them for the regions' code).
+PUBLIC_TESTS = ["tests/conftest.py", "tests/grading/plugin.py", "tests/test_unet.py", "tests/test_diffusion.py"]
+# Files written anew into the handout: the open tasks without an answer (the sheet's instruction and a stub).
+STUB_FILES: Dict[str, str] = {
+    "tools/__init__.py": '"""Your command-line tools (sheet 2, exercise 2.2 f)."""\n',
+    "lab/few_step.py": '''"""Few-step samplers (DDIM, DPM-Solver++): beyond the sheets, not part of the exercise.
+
+The training loop and the grids use Algorithm 2 (DDPM.sample, sampler 'ddpm'); this module only keeps the names
+the command line knows.
+"""
+from __future__ import annotations
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+FEW_STEP_SAMPLERS = SAMPLERS[1:]
+SPACINGS = ("logsnr", "time")
+
+
+def sampling_timesteps(ddpm, sampler: str, steps=None, spacing: str = "logsnr") -> list:
+    """The timesteps Algorithm 2 visits, T, ..., 1, 0; other samplers are not part of the exercise."""
+    if sampler != "ddpm":
+        raise ValueError(f"sampler {sampler!r} is not part of the exercise; use 'ddpm' (Algorithm 2)")
+    if steps not in (None, ddpm.n_timesteps):
+        raise ValueError(f"the DDPM sampler takes all T = {ddpm.n_timesteps} steps, got steps={steps}")
+    return list(range(ddpm.n_timesteps, -1, -1))
+
+
+def predict_start_from_noise(ddpm, y_t, t, noise):
+    raise NotImplementedError("--clip-denoised is not part of the exercise")
+
+
+def sample(*args, **kwargs):
+    raise NotImplementedError("DDIM and DPM-Solver++ are not part of the exercise; use sampler 'ddpm'")
+''',
+    "tools/visualize.py": '''"""Sheet 2, exercise 2.2 f): visualisation helpers.
+
+"Implement visualization helpers that may help you to understand the generation process along the timesteps.
+Optional: Create a couple of animations that show the diffusion / generation process in an animation / gif."
+
+Sheet 2, exercise 2.3: "Create a plot of the different beta-schedulers for the final submission."
+
+utils.py has the plotting the training uses (grids, GIFs, loss curves, plot_schedules, save_strip); DDPM.q_sample
+and DDPM.sample(keep=...) give you the states of the forward and the reverse process. Run as
+python -m tools.visualize.
+"""
+
+
+def main() -> None:
+    raise NotImplementedError("sheet 2, exercise 2.2 f: implement your visualisation helpers here")
+
+
+if __name__ == "__main__":
+    main()
+''',
+}
 REPLACED = ("README.txt", "answers.txt")       # written anew: the students' README and the answers template
 SKIPPED_DIRS = {".git", "__pycache__", ".pytest_cache", "data", "runs", "scratch", ".cache", ".devdata"}
 
@@ -293,6 +375,8 @@ def is_handed_out(path: str) -> bool:
     """
     def matches(patterns: Iterable[str]) -> bool:
         return any(fnmatch.fnmatch(path, pattern) for pattern in patterns)
+    if path in PUBLIC_TESTS or path in STUB_FILES:
+        return path in PUBLIC_TESTS
     if matches(RESULTS_KEPT):
         return True
     return not matches(RESULT_PATTERNS) and not matches(STAFF_ONLY)
@@ -333,9 +417,11 @@ def write_handout(repo: str, out: str, include_untracked: bool = False) -> List[
             shutil.copymode(source, target)
         else:
             shutil.copy2(source, target)
+    for path, text in STUB_FILES.items():
+        write_text(os.path.join(out, path), text)
     write_text(os.path.join(out, "README.txt"), student_readme(regions_by_file))
     write_text(os.path.join(out, "answers.txt"), answers_template())
-    return sorted(set(files) | set(REPLACED))
+    return sorted(set(files) | set(REPLACED) | set(STUB_FILES))
 
 
 def _check_compiles(text: str, path: str) -> None:
@@ -400,6 +486,7 @@ def student_readme(regions_by_file: Dict[str, List[Region]]) -> str:
         if places:
             task_lines += [f"  {task_id}: {task.title}"] + places
     hand_in = [f"  - {item}" for item in HAND_IN]
+    points_lines = [f"  {task_id:<24} {points:g}" for task_id, points in read_points_table().items()]
     return "\n".join([
         "Exercise: conditional DDPM with classifier-free guidance (MNIST and CIFAR-10)",
         "============================================================================",
@@ -421,41 +508,60 @@ def student_readme(regions_by_file: Dict[str, List[Region]]) -> str:
         *task_lines,
         "",
         "",
-        "Set-up (Python 3.8 or newer)",
-        "----------------------------",
+        "Note the sheet's misprint: sheet 1's eq. 6 and Algorithm 1, line 6 print sqrt(alpha_t) y_0, where",
+        "eqs. 2-3 give sqrt(alpha_bar_t) y_0 (as do Ho et al.). Use sqrt(alpha_bar_t) y_0: the grader does.",
+        "",
+        "",
+        "Set-up",
+        "------",
+        "",
+        "Python 3.8, as the sheet asks (torch 2.4.1, the last torch for Python 3.8):",
+        "",
+        "  python3.8 -m venv .venv && .venv/bin/pip install -r requirements-oldest.txt",
+        "",
+        "The current Python (3.11; torch 2.14.1):",
         "",
         "  python3 -m venv .venv && .venv/bin/pip install -r requirements.txt",
+        "",
+        "Run both from this folder. requirements-oldest.txt pins every package (its comment explains why); on a",
+        "machine with a GPU, leave out nothing: `.venv/bin/pip install -r requirements-oldest.txt` pulls the CUDA",
+        "libraries torch needs.",
         "",
         "",
         "How to run",
         "----------",
         "",
-        "  .venv/bin/python networks/Conditional_UNet.py    parameter count and output shapes of your U-Net",
+        "  .venv/bin/python networks/Conditional_UNet.py    your own check: parameter count and output shapes",
         "  .venv/bin/python train_mnist.py                 trains on MNIST with the sheet's settings (log_mnist/)",
         "  .venv/bin/python train_cifar10.py               the same for CIFAR-10, writes log_cifar10/",
         "  .venv/bin/python train_mnist.py --help          every setting (--data-root, --epochs, --subset N, ...)",
+        "  .venv/bin/python -m tools.visualize             your visualisation helpers (sheet 2, 2.2 f)",
         "",
         "",
         "How to test",
         "-----------",
         "",
-        "  .venv/bin/python -m pytest -q tests                     every test",
-        "  .venv/bin/python -m pytest -q tests -m task             only the tests that grade your tasks",
-        "  .venv/bin/python -m pytest -q tests --task sheet1-unet  only the tests of one task",
+        "  .venv/bin/python -m pytest -q tests                     every public test",
+        "  .venv/bin/python -m pytest -q tests --task sheet1-convblock   the public tests of one task",
         "",
-        "A test of a task you have not done yet fails with NotImplementedError naming the task.",
+        "The public tests check properties of your code (shapes, statistics, the closed form against the",
+        "iterated chain, determinism). A test of a task you have not done yet fails with NotImplementedError",
+        "naming the task. Passing them is a good sign, not a grade.",
         "",
         "",
         "How your work is graded",
         "-----------------------",
         "",
-        "Every task is graded by its tests here, those marked @pytest.mark.task(\"<task>\"): the grade of a task",
-        "is how many of its tests pass. Check yourself with",
+        "Each task is graded on its own, by the sheets' mathematics (with tolerances for rounding), with the",
+        "tutors' checks, not with the tests here: your code for that task runs inside a correct solution of",
+        "every other task, so a mistake, an exception or a syntax error in one task costs that task only",
+        "(if it fails there, it is also tried inside your own project as you handed it in, and the better",
+        "result counts). Keep the BEGIN/END SOLUTION lines: a task whose markers are gone is reported as such.",
+        "A task's points are its points on the sheet times the share of its checks that pass:",
         "",
-        "  .venv/bin/python -m pytest -q tests -m task",
+        *points_lines,
         "",
-        "The tutors grade with their own copy of the tests, so editing the tests here changes nothing but your",
-        "own view.",
+        "Each task's code has a time limit (a minute) and a memory limit (a few GB).",
         "",
         "",
         "What to hand in",
@@ -464,6 +570,13 @@ def student_readme(regions_by_file: Dict[str, List[Region]]) -> str:
         *hand_in,
         "",
     ])
+
+
+def read_points_table() -> Dict[str, float]:
+    """Task id -> points, from staff/points.csv (the grader's table)."""
+    import csv
+    with open(os.path.join(REPO, "staff", "points.csv"), newline="", encoding="utf-8") as handle:
+        return {row["task"]: float(row["points"]) for row in csv.DictReader(handle)}
 
 
 def answers_template() -> str:

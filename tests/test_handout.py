@@ -1,107 +1,176 @@
-"""The handout machinery: solution regions, the student handout, its inverse, the grader and the mutants.
+"""The handout and the grader: regions, the student copy, no answer handed out, each task on its own, no pass
+unearned, limits, points and a class in one command. Not handed out to students.
 
-Every grading runs pytest in subprocesses; the expensive ones (the reference, the handout, each mutant) run
-together in one module fixture, as many at a time as there are CPUs. Not handed out to students.
+All gradings share one Grader (two runner processes); identical task workspaces are judged once, so a mutant or a
+variant costs one job of its own task.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import textwrap
-from concurrent.futures import ThreadPoolExecutor
+import zipfile
 
 import pytest
 
 from staff import grade
 from staff import handout
+from staff.graded import probes, verdicts
 
 REPO = handout.REPO
 MUTANTS_FILE = os.path.join(REPO, "staff", "mutants", "mutants.json")
+VARIANTS_FILE = os.path.join(REPO, "staff", "mutants", "variants.json")
 MUTANT_KEYS = {"name", "task", "file", "old", "new", "why"}
-WORKERS = max(2, min(4, os.cpu_count() or 2))
-TIMEOUT = 120            # per pytest process of a grading: generous, the machine may be busy
+TIMEOUT = 60
+SHEET1_POINTS = {"sheet1-convblock": 1, "sheet1-encoder": 1, "sheet1-decoder": 1, "sheet1-embedding": 1,
+                 "sheet1-final-block": 1, "sheet1-unet-forward": 1.5, "sheet1-parameter-check": 0.5,
+                 "sheet1-schedule": 2, "sheet1-algorithm1": 2, "sheet1-algorithm2": 1}
+
+# Attacks and accidents, each a replacement inside one region: (name, task, file, old, new).
+CONVBLOCK_FORWARD = "        h1 = self.sub_block1(x)\n"
+Q_SAMPLE = "        return extract(self.sqrt_alpha_bar_t, t) * y0 + extract(self.sqrt_one_minus_alpha_bar_t, t) * noise\n"
+ATTACKS = {
+    "syntax-error-in-the-unet": ("sheet1-convblock", "networks/Conditional_UNet.py", CONVBLOCK_FORWARD,
+                                 "        h1 = self.sub_block1(x\n"),
+    "syntax-error-in-the-test-loop": ("sheet2-test-loop", "training.py", "    results = {}\n",
+                                      "    results = {\n"),
+    "exception": ("sheet2-q-sample", "ddpm.py", Q_SAMPLE, "        raise RuntimeError('oops')\n"),
+    "crash": ("sheet2-q-sample", "ddpm.py", Q_SAMPLE, "        import os; os.kill(os.getpid(), 11)\n"),
+    "fifty-gigabytes": ("sheet2-q-sample", "ddpm.py", Q_SAMPLE,
+                        "        import torch as _t; _t.empty(50 * 10 ** 9, dtype=_t.uint8).fill_(1)\n"),
+    "patches-pytest-and-the-plugin": ("sheet2-q-sample", "ddpm.py", Q_SAMPLE,
+        "        import sys, pytest, _pytest.reports\n"
+        "        _pytest.reports.TestReport.passed = property(lambda self: True)\n"
+        "        sys.modules.setdefault('tests.grading.plugin', type(sys)('fake')).one_line_reason = lambda r: ''\n"
+        "        return y0\n"),
+    "writes-a-fake-record-and-exits-0": ("sheet2-q-sample", "ddpm.py", Q_SAMPLE,
+        "        import glob, json, os\n"
+        "        for name in glob.glob(os.path.join(os.path.dirname(os.getcwd()), '*', '*.in.npz')):\n"
+        "            open(name.replace('.in.npz', '.err'), 'w').close()\n"
+        "        open('grade.jsonl', 'w').write(json.dumps({'event': 'result', 'outcome': 'passed'}))\n"
+        "        os._exit(0)\n"),
+    "writes-outside": ("sheet2-q-sample", "ddpm.py", Q_SAMPLE,
+        "        import os\n"
+        "        open(os.path.join(os.path.expanduser('~'), 'written-by-the-student'), 'w').write('x')\n" + Q_SAMPLE),
+}
 
 
-def load_mutants() -> list:
-    """The mutants: plausible wrong solutions, each breaking one task (staff/mutants/mutants.json)."""
-    with open(MUTANTS_FILE, encoding="utf-8") as handle:
+def load(path: str) -> list:
+    with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
 def copy_project(source: str, target: str) -> str:
-    """A copy of a project as the grader would take it (no .git, environments, results)."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*grade.COPY_IGNORE))
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*grade.COPY_IGNORE, "staff"))
     return target
 
 
-def apply_mutant(project: str, mutant: dict) -> None:
-    """Replace the mutant's old text, which must occur exactly once in its file, by its new text."""
-    path = os.path.join(project, mutant["file"])
-    text = handout.read_text(path)
-    assert text.count(mutant["old"]) == 1, f"{mutant['name']}: its old text must occur once in {mutant['file']}"
-    handout.write_text(path, text.replace(mutant["old"], mutant["new"]))
+def replace_once(project: str, path: str, old: str, new: str) -> None:
+    location = os.path.join(project, path)
+    text = handout.read_text(location)
+    assert text.count(old) == 1, f"{old!r} must occur once in {path}"
+    handout.write_text(location, text.replace(old, new))
 
 
-def run_in(folder: str, *args: str) -> subprocess.CompletedProcess:
-    """Run the project's Python in ``folder`` on the given arguments."""
-    return subprocess.run([sys.executable] + list(args), cwd=folder, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+def tree_digest(folder: str) -> str:
+    digest = hashlib.sha256()
+    for current, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(current, name)
+            digest.update(os.path.relpath(path, folder).encode())
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
 
 
-def by_task(grades) -> dict:
-    return {g.task: g for g in grades}
-
-
-def graded_tasks(inventory: dict) -> set:
-    return {task for tasks in inventory.values() for task in tasks}
+def by_task(submission) -> dict:
+    return {t.task: t for t in submission.tasks}
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Fixtures: the handout, the inventory, and every expensive grading at once
+# Fixtures
 # --------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def handout_dir(tmp_path_factory):
-    """The handout of the reference, as ``python -m staff.handout --out DIR --include-untracked`` writes it."""
     out = str(tmp_path_factory.mktemp("handout") / "handout")
-    handout.write_handout(REPO, out, include_untracked=True)   # untracked: a working tree not yet committed
+    handout.write_handout(REPO, out, include_untracked=True)
     return out
 
 
 @pytest.fixture(scope="module")
-def inventory():
-    """Node id -> tasks of the reference's graded tests."""
-    found = grade.collect_inventory(REPO, timeout=TIMEOUT)
-    assert found, "the reference has no graded tests"
-    return found
+def grader(tmp_path_factory):
+    scratch = str(tmp_path_factory.mktemp("grading"))
+    found = grade.Grader(scratch, workers=2, timeout=TIMEOUT)
+    yield found
+    found.close()
 
 
 @pytest.fixture(scope="module")
-def gradings(handout_dir, inventory, tmp_path_factory):
-    """'reference', 'handout' and 'mutant:<name>' -> the grade; all run at once, WORKERS at a time."""
-    jobs = {"reference": REPO, "handout": handout_dir}
-    for mutant in load_mutants():
-        project = copy_project(REPO, str(tmp_path_factory.mktemp("mutant") / mutant["name"]))
-        apply_mutant(project, mutant)
-        jobs[f"mutant:{mutant['name']}"] = project
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        futures = {name: pool.submit(grade.grade, folder, REPO, TIMEOUT, None, inventory)
-                   for name, folder in jobs.items()}
-        return {name: by_task(future.result()) for name, future in futures.items()}
+def students(handout_dir, tmp_path_factory):
+    """name -> project folder: the reference, the handout, every mutant, every variant and every attack."""
+    folders = {"reference": copy_project(REPO, str(tmp_path_factory.mktemp("reference") / "p")),
+               "handout": handout_dir}
+    for kind, path in (("mutant", MUTANTS_FILE), ("variant", VARIANTS_FILE)):
+        for item in load(path):
+            project = copy_project(REPO, str(tmp_path_factory.mktemp(kind) / item["name"]))
+            replace_once(project, item["file"], item["old"], item["new"])
+            folders[f"{kind}:{item['name']}"] = project
+    for name, (_task, path, old, new) in ATTACKS.items():
+        project = copy_project(REPO, str(tmp_path_factory.mktemp("attack") / name))
+        replace_once(project, path, old, new)
+        folders[f"attack:{name}"] = project
+    edited = copy_project(REPO, str(tmp_path_factory.mktemp("attack") / "edited-tests"))
+    replace_once(edited, "ddpm.py", "return betas.clamp(max=max_beta)", "return betas")
+    os.makedirs(os.path.join(edited, "tests"), exist_ok=True)
+    handout.write_text(os.path.join(edited, "tests", "test_diffusion.py"), "def test_nothing():\n    pass\n")
+    handout.write_text(os.path.join(edited, "conftest.py"),
+                       "def pytest_collection_modifyitems(items):\n    items.clear()\n")
+    folders["attack:edited-tests"] = edited
+    unmarked = copy_project(REPO, str(tmp_path_factory.mktemp("attack") / "markers-edited-away"))
+    replace_once(unmarked, "ddpm.py", "        # BEGIN SOLUTION sheet2-q-sample q_sample (eq. 3)\n", "")
+    folders["attack:markers-edited-away"] = unmarked
+    return folders
+
+
+@pytest.fixture(scope="module")
+def gradings(grader, students):
+    from concurrent.futures import ThreadPoolExecutor
+    digests = {name: tree_digest(folder) for name, folder in students.items()}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(grader.grade, folder, name) for name, folder in students.items()}
+        found = {name: by_task(future.result()) for name, future in futures.items()}
+    for name, folder in students.items():
+        assert tree_digest(folder) == digests[name], f"{name}: the grader wrote into the submission"
+    return found
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Regions and tasks
+# Regions, tasks, checks and points
 # --------------------------------------------------------------------------------------------------------------
 
-def test_regions_of_the_reference_are_well_formed_and_name_known_tasks():
+def test_regions_name_known_tasks_and_every_task_has_regions_checks_and_points():
     regions = handout.regions_of_repository(REPO)
     for path, found in regions.items():
         handout.check_tasks(found, path)
-    assert any(r.task == "sheet1-unet" for r in regions.get("networks/Conditional_UNet.py", []))
+    with_regions = {r.task for found in regions.values() for r in found}
+    assert with_regions == set(handout.TASKS)
+    assert {c.task for c in verdicts.CHECKS} == set(handout.TASKS)
+    assert set(grade.read_points()) == set(handout.TASKS)
+    names = [c.name for c in verdicts.CHECKS]
+    assert len(names) == len(set(names)) and all(c.probe in probes.PROBES for c in verdicts.CHECKS)
+
+
+def test_points_are_the_sheets():
+    points = grade.read_points()
+    assert {task: points[task] for task in SHEET1_POINTS} == SHEET1_POINTS
+    assert grade.task_points(2, [grade.CheckResult("a", True, "", 3), grade.CheckResult("b", False, "x", 1)]) == 1.5
 
 
 def test_every_task_instruction_fits_two_comment_lines():
@@ -110,360 +179,235 @@ def test_every_task_instruction_fits_two_comment_lines():
         assert len(handout.stub_body(region)) <= 3, f"{task_id}: shorten its instruction in TASKS"
 
 
-def test_graded_tests_name_one_known_task_literally(inventory):
-    for nodeid, tasks in inventory.items():
-        assert len(tasks) == 1, f"{nodeid} grades {tasks}: a test grades one task"
-        assert tasks[0] in handout.TASKS, f"{nodeid}: unknown task {tasks[0]!r}"
-        path = os.path.join(REPO, grade.file_of(nodeid))
-        assert tasks[0] in grade.tasks_in_test_file(path), \
-            f"{nodeid}: write the task id as a literal string, @pytest.mark." f"task({tasks[0]!r})"
-
-
-def test_every_graded_task_has_a_region(inventory):
-    with_regions = {r.task for found in handout.regions_of_repository(REPO).values() for r in found}
-    assert graded_tasks(inventory) <= with_regions
-
-
 @pytest.mark.parametrize("marker_lines, message", [
-    (["    # BEGIN SOLUTION sheet1-unet\n", "    # END SOLUTION\n"], "malformed"),
-    (["    # BEGIN SOLUTION sheet1-unet a\n", "    x = 1\n"], "without an END"),
+    (["    # BEGIN SOLUTION sheet1-convblock\n", "    # END SOLUTION\n"], "malformed"),
+    (["    # BEGIN SOLUTION sheet1-convblock a\n", "    x = 1\n"], "without an END"),
     (["    x = 1\n", "    # END SOLUTION\n"], "without a BEGIN"),
-    (["    # BEGIN SOLUTION sheet1-unet a\n", "    # BEGIN SOLUTION sheet1-unet b\n"], "inside the region"),
-    (["    # BEGIN SOLUTION sheet1-unet a\n", "        # END SOLUTION\n"], "indented differently"),
+    (["    # BEGIN SOLUTION sheet1-convblock a\n", "    # BEGIN SOLUTION sheet1-convblock b\n"], "inside the region"),
+    (["    # BEGIN SOLUTION sheet1-convblock a\n", "        # END SOLUTION\n"], "indented differently"),
     (["    # BEGIN SOLUTION no-such-task a\n", "    # END SOLUTION\n"], "unknown task"),
 ])
 def test_bad_markers_are_refused_with_file_and_line(marker_lines, message):
-    text = "def f():\n" + "".join(marker_lines)
     with pytest.raises(handout.RegionError, match=message) as error:
-        handout.stub_regions(text, "demo.py")
+        handout.stub_regions("def f():\n" + "".join(marker_lines), "demo.py")
     assert str(error.value).startswith("demo.py:")
 
 
 def test_stub_keeps_markers_and_raises_the_task_and_fill_restores_crlf_text():
-    reference = ("def f(x):\r\n"
-                 "    y = 2 * x\r\n"
-                 "    # BEGIN SOLUTION sheet2-q-sample the closed form\r\n"
-                 "    return y + 1\r\n"
-                 "    # END SOLUTION\r\n")
+    reference = ("def f(x):\r\n    y = 2 * x\r\n    # BEGIN SOLUTION sheet2-q-sample the closed form\r\n"
+                 "    return y + 1\r\n    # END SOLUTION\r\n")
     stubbed = handout.stub_regions(reference, "demo.py")
     lines = stubbed.splitlines(keepends=True)
-    assert lines[2] == "    # BEGIN SOLUTION sheet2-q-sample the closed form\r\n"
     assert lines[-2] == '    raise NotImplementedError("sheet2-q-sample: the closed form")\r\n'
-    assert lines[-1] == "    # END SOLUTION\r\n"
     assert all(line.endswith("\r\n") for line in lines)
-    namespace = {}
-    exec(compile(stubbed, "demo.py", "exec"), namespace)
-    with pytest.raises(NotImplementedError, match="^sheet2-q-sample: the closed form$"):
-        namespace["f"](1)
     assert handout.fill_regions(stubbed, reference, "demo.py") == reference
-    assert handout.fill_regions(stubbed, reference, "demo.py", tasks=["sheet1-unet"]) == stubbed
+    assert handout.fill_regions(stubbed, reference, "demo.py", tasks=["sheet1-convblock"]) == stubbed
+
+
+def test_mutants_and_variants_are_well_formed():
+    for path in (MUTANTS_FILE, VARIANTS_FILE):
+        items = load(path)
+        assert len({m["name"] for m in items}) == len(items)
+        for item in items:
+            assert set(item) == MUTANT_KEYS and item["task"] in handout.TASKS and item["old"] != item["new"]
+            text = handout.read_text(os.path.join(REPO, item["file"]))
+            assert text.count(item["old"]) == 1, item["name"]
+            start = text.index(item["old"])
+            first, last = text[:start].count("\n"), text[:start + len(item["old"]) - 1].count("\n")
+            inside = [r for r in handout.find_regions(text.splitlines(keepends=True), item["file"])
+                      if r.begin < first and last < r.end]
+            assert inside and inside[0].task == item["task"], item["name"]
+    assert any("misprint" in m["name"] and "sqrt(alpha_t)" not in m["old"] for m in load(MUTANTS_FILE))
 
 
 def test_staff_tools_run_as_modules_from_the_root_and_as_files_from_anywhere(tmp_path):
-    listed = run_in(REPO, "-m", "staff.handout", "--list")
-    assert listed.returncode == 0 and "sheet1-unet:" in listed.stdout, listed.stderr[-2000:]
+    listed = subprocess.run([sys.executable, "-m", "staff.handout", "--list"], cwd=REPO, stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    assert listed.returncode == 0 and "sheet1-convblock:" in listed.stdout
     for script in ("handout.py", "grade.py"):
-        result = run_in(str(tmp_path), os.path.join(REPO, "staff", script), "--help")
-        assert result.returncode == 0 and "usage:" in result.stdout, (script, result.stderr[-2000:])
+        result = subprocess.run([sys.executable, os.path.join(REPO, "staff", script), "--help"], cwd=str(tmp_path),
+                                stdout=subprocess.PIPE, universal_newlines=True)
+        assert result.returncode == 0 and "usage:" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The handout
+# The student copy: what it holds, and no answer in it
 # --------------------------------------------------------------------------------------------------------------
 
-def test_handout_holds_the_code_but_no_results_and_no_staff_files(handout_dir):
-    handed = set(handout.repository_files(handout_dir))
-    expected = {p for p in handout.repository_files(REPO, include_untracked=True) if handout.is_handed_out(p)}
-    assert handed == expected | set(handout.REPLACED)
-    assert not any(p.startswith("log_") or p.endswith(".pth") for p in handed)
-    assert not any(p.startswith("staff/") for p in handed) and "tests/test_handout.py" not in handed
-    assert not {"tools/bench.py", "tools/gpu_reference.sh", "tools/experiments.py"} & handed
-    assert {"ddpm.py", "training.py", "networks/Conditional_UNet.py", "tests/grading/plugin.py"} <= handed
-    classifiers = {p for p in handout.repository_files(REPO) if p.startswith("classifiers/") and p.endswith(".pt")}
-    assert classifiers <= handed
-
-
-def test_handout_readme_and_answers_template(handout_dir):
-    readme = handout.read_text(os.path.join(handout_dir, "README.txt"))
-    for needle in ("Group members", "pip install -r requirements.txt", "python -m pytest -q tests",
-                   "How your work is graded", "What to hand in", "networks/Conditional_UNet.py: ConvBlock layers"):
-        assert needle in readme
-    assert "grade.py" not in readme and "staff" not in readme, "the grader is not handed out"
-    flat = " ".join(readme.split())
-    for path, regions in handout.regions_of_repository(REPO).items():
-        for region in regions:
-            assert region.task in readme and region.what in flat, (path, region.what)
-    answers = handout.read_text(os.path.join(handout_dir, "answers.txt"))
-    flat_answers = " ".join(answers.split())
-    for question in handout.QUESTIONS:
-        assert question.where in answers and " ".join(question.text.split()) in flat_answers
-        assert question.ask in flat_answers
-
-
-def test_handout_replaces_every_region_by_its_stub(handout_dir):
-    for path, regions in handout.regions_of_repository(REPO).items():
-        if not handout.is_handed_out(path):
-            continue
-        lines = handout.read_text(os.path.join(handout_dir, path)).splitlines(keepends=True)
-        stubbed = handout.find_regions(lines, path)
-        assert [(r.task, r.what) for r in stubbed] == [(r.task, r.what) for r in regions]
-        for region in stubbed:
-            assert lines[region.begin + 1:region.end] == handout.stub_body(region)
-
-
-def test_filling_the_handout_gives_the_reference_back_byte_for_byte(handout_dir, tmp_path):
-    out = str(tmp_path / "filled")
-    filled = handout.fill_handout(handout_dir, REPO, out)
-    assert "networks/Conditional_UNet.py" in filled
-    for path in handout.repository_files(out):
-        if path in handout.REPLACED:
-            continue
-        with open(os.path.join(out, path), "rb") as mine, open(os.path.join(REPO, path), "rb") as reference:
-            assert mine.read() == reference.read(), path
-
-
-def test_filling_one_task_leaves_the_other_tasks_stubbed(handout_dir, tmp_path):
-    regions = handout.regions_of_repository(REPO)
-    for task_id in sorted({r.task for found in regions.values() for r in found}):
-        out = str(tmp_path / task_id)
-        handout.fill_handout(handout_dir, REPO, out, tasks=[task_id])
-        for path, found in regions.items():
-            lines = handout.read_text(os.path.join(out, path)).splitlines(keepends=True)
-            reference = handout.read_text(os.path.join(REPO, path)).splitlines(keepends=True)
-            for mine, theirs in zip(handout.find_regions(lines, path), found):
-                body = lines[mine.begin + 1:mine.end]
-                if mine.task == task_id:
-                    assert body == reference[theirs.begin + 1:theirs.end]
-                else:
-                    assert body == handout.stub_body(mine)
-
-
-def test_handout_modules_import_and_the_unet_script_stops_at_its_first_stub(handout_dir):
-    """Every module of the handout imports; then `python networks/Conditional_UNet.py` fails at a U-Net stub."""
-    modules = sorted(p[:-3].replace("/", ".") for p in handout.repository_files(handout_dir)
-                     if p.endswith(".py") and not p.startswith("tests/"))
-    program = (f"import {', '.join(modules)}\n"
-               f"print('imported')\n"
-               f"import runpy\n"
-               f"runpy.run_path('networks/Conditional_UNet.py', run_name='__main__')\n")
-    result = run_in(handout_dir, "-c", program)       # one process: torch is imported once
-    assert result.stdout.startswith("imported"), result.stderr[-2000:]
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("NotImplementedError: sheet1-unet: ")
-
-
-def test_handout_ungraded_tests_pass_or_stop_at_a_stub(handout_dir, tmp_path):
-    """The ungraded tests next to graded ones (argument checks...) pass unless they need a region."""
-    files = grade.graded_test_files(handout_dir)
-    record = str(tmp_path / "record.jsonl")
-    command = grade.pytest_command(["-m", "not task", "--rootdir", handout_dir] + files, record)
-    returncode = grade.run_with_timeout(command, handout_dir, TIMEOUT, str(tmp_path / "log.txt"))
-    run = grade.read_record(record, returncode, TIMEOUT)
-    assert returncode in grade.PYTEST_OK and not run.collect_errors, handout.read_text(str(tmp_path / "log.txt"))
-    assert run.results, "no ungraded tests ran"
-    stubs = tuple(f"NotImplementedError: {task_id}: " for task_id in handout.TASKS)
-    for nodeid, result in run.results.items():
-        assert result.outcome == "passed" or result.reason.startswith(stubs), f"{nodeid}: {result.reason}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Grading the reference, the handout and the mutants
-# --------------------------------------------------------------------------------------------------------------
-
-def test_reference_passes_every_graded_task(gradings, inventory):
-    reference = gradings["reference"]
-    assert set(reference) == set(handout.TASKS)
-    for task_id in graded_tasks(inventory):
-        g = reference[task_id]
-        assert g.total > 0 and g.passed == g.total, (task_id, g.failures[:3])
-
-
-def test_handout_fails_every_graded_test_at_the_stub_of_its_own_task(gradings, inventory):
-    """A test of task X stops at X's stub in the handout: it does not need another task's solution first."""
-    for task_id in graded_tasks(inventory):
-        g = gradings["handout"][task_id]
-        assert g.total > 0 and g.passed == 0, task_id
-        for nodeid, reason in g.failures:
-            assert reason.startswith(f"NotImplementedError: {task_id}: "), f"{nodeid}: {reason}"
-
-
-def test_mutants_are_well_formed():
-    mutants = load_mutants()
-    names = [m["name"] for m in mutants]
-    assert len(names) == len(set(names)), "mutant names must be unique"
-    for mutant in mutants:
-        assert set(mutant) == MUTANT_KEYS, mutant.get("name")
-        assert mutant["task"] in handout.TASKS and mutant["old"] != mutant["new"]
-        text = handout.read_text(os.path.join(REPO, mutant["file"]))
-        assert text.count(mutant["old"]) == 1, f"{mutant['name']}: old text must occur exactly once"
-        start = text.index(mutant["old"])
-        first = text[:start].count("\n")                               # line of the old text's first character
-        last = text[:start + len(mutant["old"]) - 1].count("\n")       # line of its last character
-        inside = [r for r in handout.find_regions(text.splitlines(keepends=True), mutant["file"])
-                  if r.begin < first and last < r.end]
-        assert inside and inside[0].task == mutant["task"], \
-            f"{mutant['name']}: the old text must lie inside a region of {mutant['task']}"
-
-
-@pytest.mark.parametrize("mutant", load_mutants(), ids=lambda m: m["name"])
-def test_mutant_loses_its_task_and_only_that_one(mutant, gradings, inventory):
-    grades = gradings[f"mutant:{mutant['name']}"]
-    broken = grades[mutant["task"]]
-    assert broken.total > 0, f"{mutant['task']} has no graded tests"
-    assert broken.passed < broken.total, f"no test of {mutant['task']} notices: {mutant['why']}"
-    for task_id in graded_tasks(inventory) - {mutant["task"]}:
-        assert grades[task_id].passed == grades[task_id].total, (task_id, grades[task_id].failures[:3])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The grader's isolation, on a tiny project without torch (fast)
-# --------------------------------------------------------------------------------------------------------------
-
-TINY_CONFTEST = '''
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.grading import plugin as grading
-
-
-def pytest_addoption(parser):
-    grading.add_options(parser)
-
-
-def pytest_configure(config):
-    grading.configure(config)
-'''
-TINY_TESTS = {
-    "tests/test_alpha.py": '''
-import pytest
-from alpha import double
-
-@TASK_MARK("sheet1-unet")
-def test_double():
-    assert double(2) == 4
-
-@TASK_MARK("sheet1-unet")
-def test_double_negative():
-    assert double(-1) == -2
-''',
-    "tests/test_beta.py": '''
-import pytest
-from beta import half
-
-@TASK_MARK("sheet1-schedule")
-def test_half():
-    assert half(4) == 2
-
-@TASK_MARK("sheet1-schedule")
-def test_half_of_zero():
-    assert half(0) == 0
-
-def test_ungraded():
-    assert True
-''',
+STUDENT_FILES = {
+    ".gitignore", "README.txt", "answers.txt", "ddpm.py", "training.py", "train_mnist.py", "train_cifar10.py",
+    "utils.py", "requirements.txt", "requirements-oldest.txt", "networks/__init__.py",
+    "networks/Conditional_UNet.py", "lab/__init__.py", "lab/checkpoints.py", "lab/cli.py", "lab/ema.py",
+    "lab/few_step.py", "lab/generation.py", "lab/image_data.py", "lab/run_files.py", "lab/speed.py",
+    "lab/train_config.py", "tests/conftest.py", "tests/grading/plugin.py", "tests/test_unet.py",
+    "tests/test_diffusion.py", "tools/__init__.py", "tools/visualize.py",
 }
-TINY_CODE = {"alpha.py": "def double(x):\n    return 2 * x\n", "beta.py": "def half(x):\n    return x / 2\n"}
-TINY_TIMEOUT = 6
 
 
-def write_files(root, files: dict) -> str:
-    """Write a tiny project. TASK_MARK stands for pytest's task marker: written out here, it would make this
-    file look like a graded test file to ``grade.graded_test_files``."""
-    for path, text in files.items():
-        text = textwrap.dedent(text).lstrip("\n").replace("@TASK_MARK(", "@pytest.mark." + "task(")
-        handout.write_text(os.path.join(str(root), path), text)
-    return str(root)
+def test_the_student_copy_holds_what_the_tasks_need_and_nothing_else(handout_dir):
+    assert set(handout.repository_files(handout_dir)) == STUDENT_FILES
+    visualize = handout.read_text(os.path.join(handout_dir, "tools", "visualize.py"))
+    assert "Implement visualization helpers" in visualize and "NotImplementedError" in visualize
 
 
-@pytest.fixture(scope="module")
-def tiny_grader(tmp_path_factory):
-    """A grader repository with two tasks, sheet1-unet (alpha.py) and sheet1-schedule (beta.py)."""
-    root = tmp_path_factory.mktemp("tiny-grader")
-    write_files(root, dict(TINY_TESTS, **TINY_CODE, **{"tests/conftest.py": TINY_CONFTEST}))
-    os.makedirs(str(root / "tests" / "grading"))
-    shutil.copy(os.path.join(REPO, "tests", "grading", "plugin.py"), str(root / "tests" / "grading" / "plugin.py"))
-    return str(root)
+def test_handout_readme_sets_up_both_pythons_names_the_misprint_and_the_points(handout_dir):
+    readme = handout.read_text(os.path.join(handout_dir, "README.txt"))
+    for needle in ("Group members", "python3.8 -m venv .venv && .venv/bin/pip install -r requirements-oldest.txt",
+                   "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt",
+                   "sqrt(alpha_t) y_0", "sqrt(alpha_bar_t) y_0", "How your work is graded", "What to hand in",
+                   "sheet1-unet-forward      1.5"):
+        assert needle in readme, needle
+    assert "grade.py" not in readme and "staff/" not in readme
+    answers = " ".join(handout.read_text(os.path.join(handout_dir, "answers.txt")).split())
+    assert all(" ".join(q.text.split()) in answers for q in handout.QUESTIONS)
 
 
-@pytest.fixture(scope="module")
-def tiny_grades(tiny_grader, tmp_path_factory):
-    """Students: correct; alpha hangs; beta has a syntax error; alpha kills pytest; edited tests and conftest."""
-    students = {
-        "correct": dict(TINY_CODE),
-        "hang": dict(TINY_CODE, **{"alpha.py": "import time\n\ndef double(x):\n    time.sleep(1000)\n"}),
-        "syntax": dict(TINY_CODE, **{"beta.py": "def half(x):\n    return x /\n"}),
-        "crash": dict(TINY_CODE, **{"alpha.py": "import os\n\ndef double(x):\n    os._exit(3)\n"}),
-        "cheat": dict(TINY_CODE, **{"beta.py": "def half(x):\n    return 0\n",
-                                    "tests/test_beta.py": "def test_nothing():\n    pass\n",
-                                    "conftest.py": "import pytest\n\ndef pytest_collection_modifyitems(items):\n"
-                                                   "    items.clear()\n"}),
-    }
-    folders = {name: write_files(tmp_path_factory.mktemp(name), files) for name, files in students.items()}
-    with ThreadPoolExecutor(max_workers=len(folders)) as pool:
-        futures = {name: pool.submit(grade.grade, folder, tiny_grader, TINY_TIMEOUT,
-                                     ["sheet1-unet", "sheet1-schedule"])
-                   for name, folder in folders.items()}
-        return {name: by_task(future.result()) for name, future in futures.items()}
+def solution_lines(repo: str = REPO) -> dict:
+    """(task, what) -> the code lines of each region, stripped; lines shorter than 25 characters are too common
+    to count (return y, else:, ...)."""
+    found = {}
+    for path, regions in handout.regions_of_repository(repo).items():
+        lines = handout.read_text(os.path.join(repo, path)).splitlines()
+        for region in regions:
+            code = [line.split("#")[0].strip() for line in lines[region.begin + 1:region.end]]
+            found[(region.task, region.what)] = [line for line in code if len(line) >= 25]
+    return found
 
 
-def _score(grades) -> dict:
-    return {task: (g.passed, g.total) for task, g in grades.items()}
+def test_no_shipped_file_holds_a_regions_solution(handout_dir):
+    """Every shipped text file is searched for every line of every region (the regions themselves are stubs)."""
+    leaks = []
+    for path in handout.repository_files(handout_dir):
+        try:
+            text = handout.read_text(os.path.join(handout_dir, path))
+        except UnicodeDecodeError:
+            continue
+        shipped = {re.sub(r"\s+", "", line.split("#")[0]) for line in text.splitlines()}
+        for (task, what), lines in solution_lines().items():
+            leaks += [f"{path}: {task} {what}: {line}" for line in lines if re.sub(r"\s+", "", line) in shipped]
+    assert not leaks, "\n".join(leaks)
 
 
-def test_grader_counts_a_correct_tiny_project(tiny_grades):
-    assert _score(tiny_grades["correct"]) == {"sheet1-unet": (2, 2), "sheet1-schedule": (2, 2)}
+def test_handout_replaces_every_region_and_fill_gives_the_reference_back(handout_dir, tmp_path):
+    for path, regions in handout.regions_of_repository(REPO).items():
+        lines = handout.read_text(os.path.join(handout_dir, path)).splitlines(keepends=True)
+        for region in handout.find_regions(lines, path):
+            assert lines[region.begin + 1:region.end] == handout.stub_body(region)
+    out = str(tmp_path / "filled")
+    handout.fill_handout(handout_dir, REPO, out)
+    for path in handout.repository_files(out):
+        if path not in handout.REPLACED and path not in handout.STUB_FILES:
+            with open(os.path.join(out, path), "rb") as mine, open(os.path.join(REPO, path), "rb") as theirs:
+                assert mine.read() == theirs.read(), path
 
 
-def test_an_endless_test_costs_its_task_only(tiny_grades):
-    grades = tiny_grades["hang"]
-    assert _score(grades) == {"sheet1-unet": (0, 2), "sheet1-schedule": (2, 2)}
-    assert grades["sheet1-unet"].first_failure.startswith("timeout: ")
+def test_handout_imports_its_public_tests_pass_or_stop_at_a_stub(handout_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-rf"],
+                            cwd=handout_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=600, env=dict(os.environ, COLUMNS="500"))
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert failed, result.stdout[-3000:]
+    assert all("NotImplementedError: sheet" in line for line in failed), "\n".join(failed)
+    assert "error" not in result.stdout.splitlines()[-1], result.stdout[-3000:]
+    script = subprocess.run([sys.executable, "networks/Conditional_UNet.py"], cwd=handout_dir,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    assert script.returncode != 0 and "NotImplementedError: sheet1-" in script.stderr.strip().splitlines()[-1]
 
 
-def test_a_syntax_error_costs_the_tasks_of_its_module_only(tiny_grades):
-    grades = tiny_grades["syntax"]
-    assert _score(grades) == {"sheet1-unet": (2, 2), "sheet1-schedule": (0, 2)}
-    assert "could not be imported: SyntaxError" in grades["sheet1-schedule"].first_failure
-    assert "beta.py, line 2" in grades["sheet1-schedule"].first_failure
+# --------------------------------------------------------------------------------------------------------------
+# Grading: the reference, the handout, mutants, correct variants, attacks
+# --------------------------------------------------------------------------------------------------------------
+
+def test_reference_gets_full_marks(gradings):
+    for task, g in gradings["reference"].items():
+        assert g.points == g.max_points and g.passed == g.total > 0, (task, g.first_failure)
 
 
-def test_a_crashing_test_costs_its_task_only(tiny_grades):
-    grades = tiny_grades["crash"]
-    assert _score(grades) == {"sheet1-unet": (0, 2), "sheet1-schedule": (2, 2)}
-    assert "exit status 3" in grades["sheet1-unet"].first_failure
+def test_handout_gets_nothing_and_each_task_stops_at_its_own_stub(gradings):
+    for task, g in gradings["handout"].items():
+        assert g.points == 0, task
+        assert all(r.reason.startswith(f"NotImplementedError: {task}: ") for r in g.results), \
+            (task, [r.reason for r in g.results])
 
 
-def test_the_students_tests_and_conftest_do_not_count(tiny_grades):
-    grades = tiny_grades["cheat"]
-    assert _score(grades) == {"sheet1-unet": (2, 2), "sheet1-schedule": (1, 2)}
-    assert grades["sheet1-schedule"].first_failure == "assert 0 == 2"
+@pytest.mark.parametrize("variant", load(VARIANTS_FILE), ids=lambda v: v["name"])
+def test_correct_variant_gets_full_marks(variant, gradings):
+    for task, g in gradings[f"variant:{variant['name']}"].items():
+        assert g.points == g.max_points, (variant["name"], task, g.first_failure)
 
 
-def test_grade_table_and_csv(tiny_grades, tmp_path):
-    grades = list(tiny_grades["hang"].values())
-    table = grade.format_table(grades)
-    assert "sheet1-unet" in table and "0/2" in table and "2/2" in table and "total" in table
-    path = str(tmp_path / "grade.csv")
-    grade.write_csv(grades, path)
-    rows = handout.read_text(path).splitlines()
-    assert rows[0] == "task,passed,total,first_failure" and rows[2].startswith("sheet1-schedule,2,2,")
+@pytest.mark.parametrize("mutant", load(MUTANTS_FILE), ids=lambda m: m["name"])
+def test_mutant_loses_its_task_and_only_that_one(mutant, gradings):
+    grades = gradings[f"mutant:{mutant['name']}"]
+    assert grades[mutant["task"]].points < grades[mutant["task"]].max_points, mutant["why"]
+    for task, g in grades.items():
+        if task != mutant["task"]:
+            assert g.points == g.max_points, (task, g.first_failure)
 
 
-def test_grade_refuses_to_overwrite_the_default_csv(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "grade.csv").write_text("mine\n")
-    assert grade.main([str(tmp_path)]) == 2
-    assert "grade.csv exists" in capsys.readouterr().err
-    assert (tmp_path / "grade.csv").read_text() == "mine\n"
+@pytest.mark.parametrize("name, words", [
+    ("syntax-error-in-the-unet", "SyntaxError"), ("syntax-error-in-the-test-loop", "SyntaxError"),
+    ("exception", "RuntimeError: oops (ddpm.py, line"), ("crash", "crashed"),
+    ("fifty-gigabytes", "memory limit"), ("patches-pytest-and-the-plugin", "q_sample"),
+    ("writes-a-fake-record-and-exits-0", ""), ("writes-outside", ""),
+])
+def test_an_attack_or_accident_costs_its_task_only(name, words, gradings):
+    task = ATTACKS[name][0]
+    grades = gradings[f"attack:{name}"]
+    if name == "writes-outside":      # allowed to write its HOME: the grader's, inside the grading folder
+        assert grades[task].points == grades[task].max_points
+        assert not os.path.exists(os.path.join(os.path.expanduser("~"), "written-by-the-student"))
+        return
+    assert grades[task].points == 0 and words in grades[task].first_failure, grades[task].first_failure
+    for other, g in grades.items():
+        if other != task:
+            assert g.points == g.max_points, (name, other, g.first_failure)
 
 
-def test_grade_main_writes_a_named_csv_and_lists_tasks_without_tests(tiny_grader, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(grade, "REPO", tiny_grader)
-    student = write_files(tmp_path / "student", TINY_CODE)
-    named = tmp_path / "out.csv"
-    named.write_text("old\n")
-    assert grade.main([student, "--csv", str(named), "--timeout", str(TINY_TIMEOUT)]) == 0
-    printed = capsys.readouterr().out
-    assert "sheet2-guidance" in printed and "no graded tests yet" in printed
-    assert named.read_text().splitlines()[1] == "sheet1-unet,2,2,"
+def test_edited_tests_and_conftest_do_not_count(gradings):
+    grades = gradings["attack:edited-tests"]
+    assert grades["sheet2-cosine-schedule"].points < 1
+    assert sum(g.points for g in grades.values()) == sum(g.max_points for g in grades.values()) - \
+        grades["sheet2-cosine-schedule"].max_points + grades["sheet2-cosine-schedule"].points
+
+
+def test_edited_away_markers_are_reported_for_their_task(gradings):
+    grades = gradings["attack:markers-edited-away"]
+    assert "markers edited away: ddpm.py: sheet2-q-sample" in grades["sheet2-q-sample"].first_failure
+    assert all(g.points == g.max_points for task, g in grades.items() if task != "sheet2-q-sample")
+
+
+def test_an_endless_loop_costs_its_task_only(tmp_path):
+    project = copy_project(REPO, str(tmp_path / "hang"))
+    replace_once(project, "ddpm.py", Q_SAMPLE, "        while True:\n            pass\n")
+    grader = grade.Grader(str(tmp_path / "scratch"), workers=2, timeout=3)
+    try:
+        grades = by_task(grader.grade(project, tasks=["sheet2-q-sample", "sheet2-sigmoid-schedule"]))
+    finally:
+        grader.close()
+    assert grades["sheet2-q-sample"].points == 0 and "timeout" in grades["sheet2-q-sample"].first_failure
+    assert grades["sheet2-sigmoid-schedule"].points == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A class in one command
+# --------------------------------------------------------------------------------------------------------------
+
+def test_a_class_in_one_command(handout_dir, tmp_path):
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    copy_project(REPO, str(submissions / "alice"))
+    with zipfile.ZipFile(str(submissions / "bob.zip"), "w") as archive:       # the handout, zipped in a folder
+        for path in handout.repository_files(handout_dir):
+            archive.write(os.path.join(handout_dir, path), f"bob-project/{path}")
+    out = tmp_path / "reports"
+    tasks = ["sheet2-sigmoid-schedule", "sheet1-final-block"]
+    assert grade.main(["--class", str(submissions), "--out", str(out), "--task", tasks[0], "--task", tasks[1],
+                       "--workers", "2"]) == 1
+    with open(str(out / "class.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["submission"] for row in rows] == ["alice", "bob"]
+    assert rows[0]["total"] == "2" and rows[0]["sheet1-final-block"] == "1" and rows[0]["first_failure"] == ""
+    assert rows[1]["total"] == "0" and rows[1]["first_failure"].startswith("sheet")
+    for name in ("alice", "bob"):
+        assert (out / name / "report.txt").is_file() and (out / name / "report.csv").is_file()

@@ -42,11 +42,11 @@ def read_rows(path: str) -> list[dict]:
         return list(csv.DictReader(file))
 
 
-def number(value: str | None, digits: int, thousands: bool = False) -> str:
+def number(value: str | None, digits: int) -> str:
     """A CSV cell as a fixed-point figure ('-' where empty)."""
     if value is None or value == "":
         return "-"
-    return f"{float(value):,.{digits}f}" if thousands else f"{float(value):.{digits}f}"
+    return f"{float(value):.{digits}f}"
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

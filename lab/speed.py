@@ -26,6 +26,7 @@ native bf16 through AVX-512-BF16 or AMX), the GPU model and the torch version.
 from __future__ import annotations
 
 import contextlib
+import copy
 import platform
 from copy import deepcopy
 from dataclasses import dataclass, replace
@@ -223,6 +224,21 @@ class FastInference(nn.Module):
         return noise.float().clone() if self.path.compile == "reduce-overhead" else noise.float()
 
 
+class _FirstHalfDone(Exception):
+    """Stops the network's forward once its class-blind first half has run (SharedEncoder)."""
+
+
+class _Replay(nn.Module):
+    """A layer that returns a given output whatever its input (SharedEncoder's second half)."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *_inputs) -> torch.Tensor:
+        return self.output
+
+
 class SharedEncoder(nn.Module):
     """The U-Net of networks/Conditional_UNet.py on ``copies`` copies of each image, one per class vector.
 
@@ -231,32 +247,46 @@ class SharedEncoder(nn.Module):
     on all copies * N: 1.2x-1.3x less work per guided step. ``forward(x [N, C, H, W], t [copies * N, 1, 1, 1],
     c [copies * N, n_classes], copies)`` returns the noise [copies * N, C, H, W], the same numbers as
     ``unet(x.repeat(copies, 1, 1, 1), t, c)``; ``matches`` checks that on the network before it is used.
+
+    It holds no wiring of its own: both halves run the network's own ``forward``. The first run, on the N images,
+    keeps what the class-blind layers return and stops after decoder0; the second runs on a shallow copy of the
+    network whose class-blind layers replay those outputs, repeated for the copies.
     """
 
     LAYERS = ("init_conv", "encoder1", "encoder2", "to_hidden", "decoder0", "decoder1", "decoder2", "final",
               "time_embedding1", "time_embedding2", "class_embedding1", "class_embedding2")
+    SHARED = ("init_conv", "encoder1", "encoder2", "to_hidden", "decoder0")
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, copies: int) -> torch.Tensor:
-        unet, n, features = self.unet, c.shape[0], self.unet.n_features
-        init = unet.init_conv(x)
-        down1 = unet.encoder1(init)
-        down2 = unet.encoder2(down1)
-        up1 = unet.decoder0(unet.to_hidden(down2))
+        unet, n = self.unet, x.shape[0]
+        shared = {}
 
-        def repeat(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.repeat(copies, 1, 1, 1)
+        def keep(name: str):
+            def hook(_module, _inputs, output):
+                shared.setdefault(name, output)
+                if name == self.SHARED[-1]:
+                    raise _FirstHalfDone
+            return hook
 
-        time_emb1 = unet.time_embedding1(t).view(n, 2 * features, 1, 1)
-        time_emb2 = unet.time_embedding2(t).view(n, features, 1, 1)
-        class_emb1 = unet.class_embedding1(c).view(n, 2 * features, 1, 1)
-        class_emb2 = unet.class_embedding2(c).view(n, features, 1, 1)
-        up2 = unet.decoder1(class_emb1 * repeat(up1) + time_emb1, repeat(down2))
-        up3 = unet.decoder2(class_emb2 * up2 + time_emb2, repeat(down1))
-        return unet.final(torch.cat((up3, repeat(init)), dim=1))
+        handles = [getattr(unet, name).register_forward_hook(keep(name)) for name in self.SHARED]
+        try:
+            unet(x, t[:n], c[:n])
+        except _FirstHalfDone:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if set(shared) != set(self.SHARED):
+            raise RuntimeError(f"the network's forward did not run {sorted(set(self.SHARED) - set(shared))}")
+        second_half = copy.copy(unet)
+        object.__setattr__(second_half, "_modules", dict(unet._modules))
+        for name in self.SHARED:
+            second_half._modules[name] = _Replay(shared[name].repeat(copies, 1, 1, 1))
+        return second_half(x.repeat(copies, 1, 1, 1), t, c)
 
     @classmethod
     @torch.no_grad()
@@ -272,7 +302,7 @@ class SharedEncoder(nn.Module):
         c = torch.rand(4, network.n_classes, generator=generator).to(device)
         try:
             shared = cls(network)(x, t, c, 2)
-        except (RuntimeError, ValueError, TypeError, AttributeError):
+        except (RuntimeError, ValueError, TypeError, AttributeError, KeyError):
             return False
         return torch.allclose(shared, network(x.repeat(2, 1, 1, 1), t, c), atol=1e-5, rtol=1e-4)
 

@@ -239,10 +239,8 @@ def _require_positive(**sizes: int) -> None:
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
-    """The number of parameters that require a gradient computation."""
-    # BEGIN SOLUTION sheet1-parameter-check count_trainable_parameters
+    """The number of parameters that require a gradient computation (training.py prints it too)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # END SOLUTION
 
 
 def _check_on(device: str) -> None:

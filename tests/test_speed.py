@@ -190,14 +190,20 @@ def test_guided_noise_with_a_shared_encoder_equals_the_repeated_batch():
             torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_a_network_that_is_not_the_sheets_unet_is_called_on_the_repeated_batch():
+def test_a_network_whose_first_half_sees_the_class_is_called_on_the_repeated_batch():
+    class ClassInInput(UNet):
+        def forward(self, x, t, c):                               # the same layers, the class in the first half
+            return super().forward(x + c[:, :1].view(-1, 1, 1, 1), t, c)
+
     class Reordered(UNet):
-        def forward(self, x, t, c):                               # the same layers, another computation
+        def forward(self, x, t, c):                               # another computation, a class-blind first half
             return super().forward(x, t, c.flip(1))
 
     torch.manual_seed(0)
-    other = Reordered(in_channels=1, n_features=8, n_classes=10, height=28).eval()
+    other = ClassInInput(in_channels=1, n_features=8, n_classes=10, height=28).eval()
     assert FastInference(other, FastPath(share_encoder=True)).copies is None
+    reordered = Reordered(in_channels=1, n_features=8, n_classes=10, height=28).eval()
+    assert FastInference(reordered, FastPath(share_encoder=True)).copies is not None   # runs its own forward
     assert FastInference(torch.nn.Sequential(), FastPath(share_encoder=True)).copies is None
     x, t, c = network_inputs(4)
     fast = FastInference(other, FastPath(share_encoder=True))

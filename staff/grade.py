@@ -356,21 +356,25 @@ class Grader:
 
     def run_task(self, workspace: str, digest: str, task: str) -> List[CheckResult]:
         """Run a task's checks on a workspace and judge them (or reuse the results of an identical workspace)."""
+        if not self.reuse:
+            return self._run_task(workspace, task)
         key = f"{task}:{digest}"
         with self._lock:
-            if self.reuse and key in self._results:
+            if key in self._results:
                 return self._results[key]
-            waiting = self._pending.get(key) if self.reuse else None
+            waiting = self._pending.get(key)
             if waiting is None:
                 self._pending[key] = threading.Event()
         if waiting is not None:
             waiting.wait()
-            return self._results[key]
+            return self._results.get(key) or self._run_task(workspace, task)
+        results: List[CheckResult] = []
         try:
             results = self._run_task(workspace, task)
         finally:
             with self._lock:
-                self._results.setdefault(key, results if "results" in locals() else [])
+                if results:
+                    self._results[key] = results
                 self._pending.pop(key).set()
         return results
 
@@ -593,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processes running students' code at once (default: the CPUs)")
     parser.add_argument("--task", action="append", metavar="TASK_ID", help="grade only this task (repeatable)")
     parser.add_argument("--keep", metavar="DIR", help="keep the grading folder (workspaces, inputs, outputs) in DIR")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="judge every workspace, also one identical to another of this run (default: identical "
+                             "workspaces, e.g. copies of the same files, share their results)")
     parser.add_argument("-v", "--verbose", action="store_true", help="list every failed check")
     return parser
 
@@ -615,7 +622,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.monotonic()
         try:
             grades = grade_class(args.class_dir, args.out, args.workers, args.timeout, args.memory_gb, args.keep,
-                                 tasks=args.task, log=print)
+                                 reuse=not args.no_reuse, tasks=args.task, log=print)
         except FileNotFoundError as error:
             print(f"grade.py: error: {error}", file=sys.stderr)
             return 2

@@ -69,8 +69,8 @@ def train_command(dataset: str | None) -> str:
     """The command that trains the classifier of ``dataset`` on this project's data (None: of either dataset)."""
     if dataset is None:
         return "python -m tools.evaluate train-classifier mnist|cifar10"
-    data = "--image-folder ../shared/data/cifar10-jpeg/train" if dataset == "cifar10" else "--data-root ../shared/data"
-    return f"python tools/evaluate.py train-classifier {dataset} {data}"
+    data = "--image-folder /path/to/data/cifar10-jpeg/train" if dataset == "cifar10" else "--data-root /path/to/data"
+    return f"python -m tools.evaluate train-classifier {dataset} {data}"
 
 
 def save_classifier(classifier: Classifier, path: str, dataset: str, image_size: int, test_accuracy: float) -> None:

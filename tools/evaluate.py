@@ -1,13 +1,13 @@
 """Judge generated samples with the project's own classifier: class accuracy, Frechet distance, diversity.
 
-    python tools/evaluate.py metrics --checkpoint CKPT [--guidance 0 1 3] [--n-per-class 50]
+    python -m tools.evaluate metrics --checkpoint CKPT [--guidance 0 1 3] [--n-per-class 50]
                        [--sampler ddpm|ddim|dpm++2m] [--steps S] [--weights ema|raw] [--clip-denoised]
                        [--chunk-size N] [--csv PATH] [--overwrite]
         samples n-per-class images of every class per guidance weight, prints the metric table
         (lab/sample_quality.py explains the columns) and writes it as CSV, by default next to the checkpoint under a
         name that carries the settings, e.g. model_ep20_eval_ddpm400_w0-1-3_n50.csv. An existing file is never
         replaced without --overwrite.
-    python tools/evaluate.py train-classifier mnist|cifar10 [--data-root DIR | --image-folder DIR] [--epochs N]
+    python -m tools.evaluate train-classifier mnist|cifar10 [--data-root DIR | --image-folder DIR] [--epochs N]
         trains the judge, a small CNN (lab/judge.py), on the dataset's training split and saves it to
         classifiers/<dataset>.pt (or --classifier PATH); an existing file is kept without --overwrite.
 

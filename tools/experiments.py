@@ -1,9 +1,9 @@
 """Short training runs that compare settings at an equal budget, judged by tools/evaluate.py (sheet 2: "train with
 different settings" and 2.3, the beta schedules; sheet 1 Q4: capacity and hyper-parameters for CIFAR-10).
 
-    python tools/experiments.py mnist --data-root ../shared/data
-    python tools/experiments.py cifar10 --image-folder ../shared/data/cifar10-jpeg/train
-    python tools/experiments.py mnist --runs baseline cosine      # some runs only; --list shows a study's runs
+    python -m tools.experiments mnist --data-root /path/to/data
+    python -m tools.experiments cifar10 --image-folder /path/to/data/cifar10-jpeg/train
+    python -m tools.experiments mnist --runs baseline cosine      # some runs only; --list shows a study's runs
 
 Every run of a study trains with the study's shared settings plus its own changes, into --work/<study>/<run>/
 (scratch space: checkpoints, grids). Running the command again continues unfinished runs from their newest

@@ -1,6 +1,6 @@
 """Sample a trained conditional DDPM: classes, or a mixture of classes (sheet 1: guiding towards a mixture).
 
-    python tools/sample.py --checkpoint CKPT [--classes 3 7 | --mix 3:0.5,8:0.5 [--compose]] [--n 8] [--guidance 2]
+    python -m tools.sample --checkpoint CKPT [--classes 3 7 | --mix 3:0.5,8:0.5 [--compose]] [--n 8] [--guidance 2]
                      [--sampler ddpm|ddim|dpm++2m] [--steps S] [--eta 0] [--clip-denoised] [--seed 0]
                      [--weights ema|raw] [--device auto|cpu|cuda|mps] --out out.png [--gif out.gif]
 

@@ -1,9 +1,9 @@
 """Sample quality against the number of steps: the DDPM, DDIM and DPM-Solver++(2M) samplers on one checkpoint,
 judged by tools/evaluate.py's metrics (sheet 1 Q6: the main drawback of diffusion models is slow sampling).
 
-    python tools/samplers.py --checkpoint log_mnist/model_ep20.pth --data-root ../shared/data --out log_mnist/samplers
-    python tools/samplers.py --checkpoint log_cifar10/model_ep34_step1.pth \\
-        --image-folder ../shared/data/cifar10-jpeg/train --out log_cifar10/samplers
+    python -m tools.samplers --checkpoint log_mnist/model_ep20.pth --data-root /path/to/data --out log_mnist/samplers
+    python -m tools.samplers --checkpoint log_cifar10/model_ep34_step1.pth \\
+        --image-folder /path/to/data/cifar10-jpeg/train --out log_cifar10/samplers
 
 Every sampler setting gets its own metric table in --out (<sampler><steps>[_<spacing>].csv, reused when the
 command runs again, so an interrupted study loses one table at most); then the study writes

@@ -1,10 +1,10 @@
 """Figures of the diffusion model: beta schedules, forward and reverse process strips, class-mixture comparison.
 
-    python tools/visualize.py schedules --out schedules.png [--timesteps 400 --beta1 1e-4 --beta2 0.02]
-    python tools/visualize.py forward (--checkpoint CKPT | --dataset mnist --data-root DIR | --image-folder DIR)
+    python -m tools.visualize schedules --out schedules.png [--timesteps 400 --beta1 1e-4 --beta2 0.02]
+    python -m tools.visualize forward (--checkpoint CKPT | --dataset mnist --data-root DIR | --image-folder DIR)
                                 --out forward.png [--index 0 --seed 0]
-    python tools/visualize.py reverse --checkpoint CKPT --class 3 [--guidance 3 --seed 0] --out reverse.png
-    python tools/visualize.py mixtures --checkpoint CKPT --pairs 3:8 1:7 [--guidance 3 --n 8] --out mixtures.png
+    python -m tools.visualize reverse --checkpoint CKPT --class 3 [--guidance 3 --seed 0] --out reverse.png
+    python -m tools.visualize mixtures --checkpoint CKPT --pairs 3:8 1:7 [--guidance 3 --n 8] --out mixtures.png
 
 The strips show t = 0, T/8, 2T/8, ..., T. Errors are one line on stderr with exit code 2 (as in tools/sample.py).
 """

@@ -8,6 +8,7 @@
         name that carries the settings, e.g. model_ep20_eval_ddpm400_w0-1-3_n50.csv. An existing file is never
         replaced without --overwrite.
     python -m tools.evaluate train-classifier mnist|cifar10 [--data-root DIR | --image-folder DIR] [--epochs N]
+                       [--no-fast]
         trains the judge, a small CNN (lab/judge.py), on the dataset's training split and saves it to
         classifiers/<dataset>.pt (or --classifier PATH); an existing file is kept without --overwrite.
 
@@ -30,6 +31,7 @@ from lab.image_data import load_data, to_model_scale
 from lab.judge import (ARCHITECTURES, AUGMENTATION, EPOCHS, Classifier, classify, default_classifier_path,
                        save_classifier, train_classifier)
 from lab.metrics import class_accuracy
+from lab.speed import FastPath
 from lab.sample_quality import ALL_TEST_IMAGES, evaluate_model, format_table, write_table
 from lab.train_config import SCRIPT_DEFAULTS
 from training import resolve_config
@@ -95,7 +97,10 @@ def run_train_classifier(args: argparse.Namespace) -> None:
     started, epochs = time.perf_counter(), args.epochs or EPOCHS[args.dataset]
     torch.manual_seed(args.seed)
     classifier = Classifier(train_set.images.shape[1], len(train_set.classes), **ARCHITECTURES[args.dataset])
-    train_classifier(classifier, train_set, epochs, args.batch_size, device=device, **AUGMENTATION[args.dataset])
+    path = FastPath.for_machine(device, train_set.images.shape[1]) if args.fast else FastPath()
+    print(f"classifier training path: {path.describe() if args.fast else 'plain (fp32)'}")
+    train_classifier(classifier, train_set, epochs, args.batch_size, device=device, path=path,
+                     **AUGMENTATION[args.dataset])
     _, predicted = classify(classifier, to_model_scale(test_set.images))
     accuracy = class_accuracy(predicted, test_set.labels)
     save_classifier(classifier, path, args.dataset, test_set.images.shape[-1], accuracy)
@@ -127,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("dataset", choices=sorted(SCRIPT_DEFAULTS), help="which dataset's judge")
     flags.add("epochs", type=int, help=f"the classifier's training epochs (default: {EPOCHS})")
     flags.add("batch_size", type=int, default=128, help="the classifier's training batch (default: 128)")
+    train.add_argument("--no-fast", dest="fast", action="store_false",
+                       help="train in plain fp32 instead of the machine's fast path (channels_last; bf16 autocast "
+                            "where the CPU computes bf16 natively)")
     train.set_defaults(run=run_train_classifier)
 
     for command in (metrics, train):

@@ -108,7 +108,9 @@ def add_checkpoint_flags(flags: Flags, required: bool = True, weights: bool = Tr
 
 def add_judging_flags(flags: Flags) -> None:
     """--n-per-class and --chunk-size of the tools that sample every class many times and judge the images."""
-    flags.parser.add_argument("--n-per-class", type=int, default=50, help="generated images per class (default: 50)")
+    flags.parser.add_argument("--n-per-class", type=int, nargs="+", default=[50], metavar="N",
+                              help="generated images per class: one number for every guidance weight, or one per "
+                                   "--guidance weight in its order, e.g. 100 50 50 (default: 50)")
     flags.parser.add_argument("--chunk-size", type=int, default=None,
                               help="images per sampling call (default: the fast path's for this machine: "
                                    f"{CPU_SAMPLE_CHUNK} on a CPU, {CUDA_SAMPLE_CHUNK} on CUDA)")

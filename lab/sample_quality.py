@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,16 +118,37 @@ def evaluate_checkpoint(path: str, guidance: list[float], n_per_class: int, samp
                           chunk_size, spacing, eta)
 
 
-def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per_class: int, sampler: str = "ddpm",
+def images_per_weight(guidance: Sequence[float], n_per_class: int | Sequence[int]) -> list[int]:
+    """Images per class for each guidance weight: one count for all weights, or one count per weight.
+
+    More images where accuracy is near 1/2 (w = 0) and fewer where it is near 1 buy the same standard error
+    sqrt(p (1 - p) / n) for less sampling. Raises ValueError for a count below 2 (diversity needs pairs) or a
+    list whose length is neither 1 nor that of ``guidance``.
+    """
+    counts = [n_per_class] if isinstance(n_per_class, int) else list(n_per_class)
+    if len(counts) == 1:
+        counts = counts * len(guidance)
+    if len(counts) != len(guidance):
+        raise ValueError(f"--n-per-class needs one number or one per guidance weight ({len(guidance)}), "
+                         f"got {len(counts)}")
+    if min(counts) < 2:
+        raise ValueError(f"--n-per-class must be at least 2 (diversity needs pairs), got {min(counts)}")
+    return counts
+
+
+def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per_class: int | Sequence[int],
+                   sampler: str = "ddpm",
                    steps: int | None = None, weights: str = "ema", clip_denoised: bool = False, seed: int = 0,
                    flags: dict | None = None, classifier_path: str | None = None,
                    chunk_size: int | None = None, spacing: str = "logsnr", eta: float = 0.0) -> list[dict]:
     """The metric table of a model: a row for the real test images, then one per guidance weight.
 
-    ``flags`` are data settings (TrainConfig fields) that replace the run's, e.g. another data root;
-    ``weights`` only labels the rows.
+    ``n_per_class``: images per class, one count or one per weight (``images_per_weight``); the real row's noise
+    floor is that of the largest generated set. ``flags`` are data settings (TrainConfig fields) that replace the
+    run's, e.g. another data root; ``weights`` only labels the rows.
     """
     config = model.config
+    counts = images_per_weight(guidance, n_per_class)
     steps = sampler_steps(sampler, steps, model.n_timesteps)
     n_steps = len(few_step.sampling_timesteps(model.ddpm, sampler, steps, spacing)) - 1   # refuses bad settings early
     classifier, classifier_path = judge_for(config, classifier_path)
@@ -135,15 +157,15 @@ def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per
     if len(test_set) < 4:
         raise DataError(f"the test split has {len(test_set)} images; the metrics need at least 4")
     real_features, real_predicted = classify(classifier, to_model_scale(test_set.images))
-    n_generated = n_per_class * config["n_classes"]
-    rows = [real_row(real_features, real_predicted, test_set.labels, n_generated)]
+    rows = [real_row(real_features, real_predicted, test_set.labels, max(counts) * config["n_classes"])]
+    generated = "/".join(str(count * config["n_classes"]) for count in sorted(set(counts), reverse=True))
     print(f"judging {name} with {classifier_path}: {len(test_set)} real test images, "
-          f"{n_generated} generated per weight ({sampler}, {n_steps} steps, {model.device})")
+          f"{generated} generated per weight ({sampler}, {n_steps} steps, {model.device})")
     sampling = dict(sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised, spacing=spacing, seed=seed)
     chunk_size = model.images_per_call(chunk_size)
-    for w in guidance:
+    for w, count in zip(guidance, counts):
         started = time.perf_counter()
-        images, labels = generate_classes(model, n_per_class, w, chunk_size, **sampling)
+        images, labels = generate_classes(model, count, w, chunk_size, **sampling)
         seconds = time.perf_counter() - started
         settings = sampling_settings(weights, w, sampler, n_steps, spacing, eta, clip_denoised, chunk_size)
         rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], settings,

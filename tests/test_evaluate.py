@@ -215,6 +215,13 @@ def test_cli_writes_a_row_for_real_images_and_one_per_weight(tiny_run, capsys):
     assert float(rows[1]["seconds"]) >= 0 and "frechet" in output and "model_ep1_eval_ddpm10_w0-2_n2.csv" in output
 
 
+def test_one_count_per_weight_samples_that_many_of_each_class(tiny_run):
+    argv = evaluate_argv(tiny_run, "--guidance", "0", "2", "--sampler", "ddim", "--steps", "2")
+    evaluate.main(argv[:argv.index("--n-per-class") + 1] + ["3", "2"] + argv[argv.index("--n-per-class") + 2:])
+    rows = read_rows(os.path.join(tiny_run["root"], "run", "model_ep1_eval_ddim2_w0-2_n3-2.csv"))
+    assert [row["n"] for row in rows] == ["40", "30", "20"]              # 10 x 4 test images, 10 x 3 and 10 x 2
+
+
 def test_default_table_names_carry_the_settings_and_existing_tables_are_kept(tiny_run, capsys):
     folder = os.path.join(tiny_run["root"], "run")
     evaluate.main(evaluate_argv(tiny_run, "--guidance", "1", "--sampler", "dpm++2m", "--steps", "3"))
@@ -305,6 +312,7 @@ def test_classifier_for_other_images_is_refused(tiny_run, tmp_path, capsys):
     (["--steps", "5"], "ddim"),                           # the DDPM sampler takes all T steps
     (["--sampler", "ddim", "--steps", "99"], "steps"),
     (["--n-per-class", "1"], "--n-per-class"),
+    (["--n-per-class", "4", "4"], "one per guidance weight"),           # three weights by default
     (["--chunk-size", "0"], "--chunk-size"),
     (["--sampler", "dpm++2m", "--spacing", "karras"], "--spacing"),
     (["--guidance", "inf"], "--guidance"),
@@ -347,3 +355,4 @@ def test_sampler_setting_names_carry_spacing_and_stochasticity():
     assert samplers.setting_name("dpm++2m", 20, "time") == "dpm++2m20_time"
     assert samplers.setting_name("dpm++2m", 20, "logsnr", 1.0) == "dpm++2m20_sde"
     assert samplers.setting_name("ddim", 50, "time", 0.5) == "ddim50_eta0.5"
+    assert samplers.setting_name("ddim", 50, "time", 1.0) == "ddim50_eta1"      # ancestral DDIM, not an SDE solver

@@ -147,6 +147,27 @@ def per_weight(rows: list[dict], weights: list[float], key: str, digits: int) ->
     return " / ".join(number(by_w[w][key], digits) if w in by_w else "-" for w in weights)
 
 
+def standard_error_of_difference(accuracy_a: float, n_a: int, accuracy_b: float, n_b: int) -> float:
+    """Standard error of the difference of two class accuracies measured on n_a and n_b independent images:
+    sqrt(p_a (1 - p_a) / n_a + p_b (1 - p_b) / n_b) (binomial)."""
+    return math.sqrt(accuracy_a * (1 - accuracy_a) / n_a + accuracy_b * (1 - accuracy_b) / n_b)
+
+
+def gap_to_reference(rows: list[dict], reference: list[dict], weights: list[float]) -> str:
+    """Per weight: accuracy minus the reference's accuracy, in points, with the standard error of that
+    difference ('-' where either lacks the weight)."""
+    mine, theirs = ({float(row["w"]): row for row in table} for table in (rows, reference))
+    cells = []
+    for w in weights:
+        if w not in mine or w not in theirs:
+            cells.append("-")
+            continue
+        a, b = mine[w], theirs[w]
+        pa, na, pb, nb = float(a["accuracy"]), int(a["n"]), float(b["accuracy"]), int(b["n"])
+        cells.append(f"{100 * (pa - pb):+.1f} ± {100 * standard_error_of_difference(pa, na, pb, nb):.1f}")
+    return " / ".join(cells)
+
+
 def samplers_table(folder: str) -> list[str]:
     settings = []
     for path in sorted(glob.glob(os.path.join(ROOT, folder, "samplers", "*.csv"))):
@@ -167,19 +188,22 @@ def samplers_table(folder: str) -> list[str]:
                 int(first["steps"]))
 
     settings.sort(key=order)
+    reference = settings[0][1] if settings[0][1][0]["sampler"] == "ddpm" else None
     ws = " / ".join(f"{w:g}" for w in weights)
     table = []
     for path, rows, _ in settings:
         steps = int(rows[0]["steps"])
         calls = f"{steps} / {2 * steps}"
-        table.append((sampler_label(rows[0]), str(steps), calls, per_weight(rows, weights, "accuracy", 3),
-                      per_weight(rows, weights, "frechet", 3), per_weight(rows, weights, "diversity", 2),
-                      os.path.basename(path)))
+        gap = "" if reference is None or rows is reference else gap_to_reference(rows, reference, weights)
+        table.append((sampler_label(rows[0]), str(steps), calls, per_weight(rows, weights, "n", 0),
+                      per_weight(rows, weights, "accuracy", 3), gap, per_weight(rows, weights, "frechet", 3),
+                      per_weight(rows, weights, "diversity", 2), os.path.basename(path)))
     real = settings[0][2]
-    table.append(("real test images", "", "", number(real["accuracy"], 3), number(real["frechet"], 3) + " (floor)",
-                  number(real["diversity"], 2), ""))
-    header = ("sampler", "steps", "calls w=0 / w>0", f"accuracy w = {ws}", f"Frechet w = {ws}",
-              f"diversity w = {ws}", f"file in {folder}/samplers/")
+    table.append(("real test images", "", "", real["n"], number(real["accuracy"], 3), "",
+                  number(real["frechet"], 3) + " (floor)", number(real["diversity"], 2), ""))
+    header = ("sampler", "steps", "calls w=0 / w>0", f"images w = {ws}", f"accuracy w = {ws}",
+              "accuracy - DDPM, points ± s.e.", f"Frechet w = {ws}", f"diversity w = {ws}",
+              f"file in {folder}/samplers/")
     return markdown(header, table)
 
 

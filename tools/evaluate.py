@@ -1,6 +1,6 @@
 """Judge generated samples with the project's own classifier: class accuracy, Frechet distance, diversity.
 
-    python -m tools.evaluate metrics --checkpoint CKPT [--guidance 0 1 3] [--n-per-class 50]
+    python -m tools.evaluate metrics --checkpoint CKPT [--guidance 0 1 3] [--n-per-class 50 | 100 50 50]
                        [--sampler ddpm|ddim|dpm++2m] [--steps S] [--weights ema|raw] [--clip-denoised]
                        [--chunk-size N] [--csv PATH] [--overwrite]
         samples n-per-class images of every class per guidance weight, prints the metric table
@@ -32,7 +32,7 @@ from lab.judge import (ARCHITECTURES, AUGMENTATION, EPOCHS, Classifier, classify
                        save_classifier, train_classifier)
 from lab.metrics import class_accuracy
 from lab.speed import FastPath
-from lab.sample_quality import ALL_TEST_IMAGES, evaluate_model, format_table, write_table
+from lab.sample_quality import ALL_TEST_IMAGES, evaluate_model, format_table, images_per_weight, write_table
 from lab.train_config import SCRIPT_DEFAULTS
 from training import resolve_config
 
@@ -51,7 +51,7 @@ def default_csv_path(args: argparse.Namespace, n_timesteps: int) -> str:
         parts.append(args.spacing)
     if args.sampler != "ddpm" and args.eta:
         parts.append(f"eta{args.eta:g}")
-    parts += ["w" + "-".join(f"{w:g}" for w in args.guidance), f"n{args.n_per_class}"]
+    parts += ["w" + "-".join(f"{w:g}" for w in args.guidance), "n" + "-".join(map(str, args.n_per_class))]
     parts += [name for name, on in (("raw", args.weights == "raw"), ("clip", args.clip_denoised)) if on]
     if args.seed:
         parts.append(f"seed{args.seed}")
@@ -60,8 +60,7 @@ def default_csv_path(args: argparse.Namespace, n_timesteps: int) -> str:
 
 def run_metrics(args: argparse.Namespace) -> list[dict]:
     """Sample for every guidance weight, judge, print the table and write the CSV; returns the rows."""
-    if args.n_per_class < 2:
-        raise ValueError(f"--n-per-class must be at least 2 (diversity needs pairs), got {args.n_per_class}")
+    images_per_weight(args.guidance, args.n_per_class)                     # refuses bad counts before loading
     if not all(math.isfinite(w) for w in args.guidance):
         raise ValueError(f"--guidance weights must be finite numbers, got {args.guidance}")
     if args.chunk_size is not None and args.chunk_size < 1:
@@ -97,9 +96,11 @@ def run_train_classifier(args: argparse.Namespace) -> None:
     started, epochs = time.perf_counter(), args.epochs or EPOCHS[args.dataset]
     torch.manual_seed(args.seed)
     classifier = Classifier(train_set.images.shape[1], len(train_set.classes), **ARCHITECTURES[args.dataset])
-    path = FastPath.for_machine(device, train_set.images.shape[1]) if args.fast else FastPath()
-    print(f"classifier training path: {path.describe() if args.fast else 'plain (fp32)'}")
-    train_classifier(classifier, train_set, epochs, args.batch_size, device=device, path=path,
+    fast_path = FastPath.for_machine(device, train_set.images.shape[1]) if args.fast else FastPath()
+    chosen = [name for name, on in (("channels_last", fast_path.train_channels_last),
+                                    ("bf16 autocast", fast_path.bf16_autocast)) if on]
+    print(f"classifier training: {', '.join(chosen) or 'plain fp32'}" + (" (--no-fast: plain fp32)" if chosen else ""))
+    train_classifier(classifier, train_set, epochs, args.batch_size, device=device, path=fast_path,
                      **AUGMENTATION[args.dataset])
     _, predicted = classify(classifier, to_model_scale(test_set.images))
     accuracy = class_accuracy(predicted, test_set.labels)

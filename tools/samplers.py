@@ -27,15 +27,17 @@ from lab.sample_quality import evaluate_model, write_table
 
 # (sampler, steps, spacing, eta); eta = 1 makes dpm++2m the SDE solver (SDE-DPM-Solver++(2M))
 SETTINGS = [("ddpm", None, "time", 0.0), ("ddim", 10, "time", 0.0), ("ddim", 20, "time", 0.0),
-            ("ddim", 50, "time", 0.0), ("dpm++2m", 10, "logsnr", 0.0), ("dpm++2m", 15, "logsnr", 0.0),
-            ("dpm++2m", 20, "logsnr", 0.0), ("dpm++2m", 25, "logsnr", 0.0), ("dpm++2m", 10, "time", 0.0),
-            ("dpm++2m", 20, "time", 0.0), ("dpm++2m", 10, "logsnr", 1.0), ("dpm++2m", 20, "logsnr", 1.0)]
+            ("ddim", 50, "time", 0.0), ("ddim", 50, "time", 1.0), ("dpm++2m", 10, "logsnr", 0.0),
+            ("dpm++2m", 15, "logsnr", 0.0), ("dpm++2m", 20, "logsnr", 0.0), ("dpm++2m", 25, "logsnr", 0.0),
+            ("dpm++2m", 50, "logsnr", 0.0), ("dpm++2m", 10, "time", 0.0), ("dpm++2m", 20, "time", 0.0),
+            ("dpm++2m", 10, "logsnr", 1.0), ("dpm++2m", 20, "logsnr", 1.0), ("dpm++2m", 50, "logsnr", 1.0)]
 
 
 def setting_name(sampler: str, steps: int | None, spacing: str, eta: float = 0.0) -> str:
-    """'ddpm', 'ddim20', 'dpm++2m20' (log-SNR spacing), 'dpm++2m20_time' or 'dpm++2m20_sde' (eta = 1)."""
+    """'ddpm', 'ddim20', 'ddim50_eta1', 'dpm++2m20' (log-SNR spacing), 'dpm++2m20_time' or 'dpm++2m20_sde' (eta = 1:
+    the SDE solver)."""
     suffix = "_time" if sampler == "dpm++2m" and spacing == "time" else ""
-    suffix += "_sde" if eta == 1 else f"_eta{eta:g}" if eta else ""
+    suffix += "_sde" if eta == 1 and sampler == "dpm++2m" else f"_eta{eta:g}" if eta else ""
     return f"{sampler}{steps or ''}{suffix}"
 
 

@@ -97,3 +97,11 @@ def test_documents_name_no_place_outside_the_repository(path):
 
 def test_the_readme_is_short():
     assert len(read("README.txt").encode()) <= 12_000
+
+
+def test_accuracy_gaps_carry_the_binomial_standard_error_of_a_difference():
+    # sqrt(0.5 * 0.5 / 1000 + 0.8 * 0.2 / 500) = sqrt(0.00025 + 0.00032) = 0.023875
+    assert doc_tables.standard_error_of_difference(0.5, 1000, 0.8, 500) == pytest.approx(0.0238747, rel=1e-5)
+    reference = [{"w": "0.0", "accuracy": "0.5", "n": "1000"}, {"w": "3.0", "accuracy": "0.9", "n": "500"}]
+    rows = [{"w": "0.0", "accuracy": "0.47", "n": "1000"}]
+    assert doc_tables.gap_to_reference(rows, reference, [0.0, 3.0]) == "-3.0 ± 2.2 / -"

@@ -27,6 +27,7 @@ from tqdm import tqdm
 import utils
 from ddpm import class_grid_labels
 from lab import few_step
+from lab.checkpoints import save_checkpoint
 from lab.generation import SamplingModel, generate, load_for_sampling, sampler_steps
 from lab.image_data import DataError, load_data, to_model_scale
 from lab.judge import Classifier, classify, judge_for
@@ -62,6 +63,28 @@ def generate_classes(model: SamplingModel, n_per_class: int, w: float, chunk_siz
     labels = class_grid_labels(range(model.n_classes), n_per_class)
     images, _ = generate(model, F.one_hot(labels, model.n_classes).float(), w, chunk_size=chunk_size, **sampling)
     return images.clamp(-1, 1), labels
+
+
+def sample_or_reuse(cache: str | None, identity: dict, sample) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``sample()``'s (images, labels) and the seconds it took, or what an earlier call saved at ``cache`` with
+    the same ``identity`` (checkpoint, weights, sampler settings, seed, count). ``cache`` None: always sample.
+
+    Saving the generated images lets a table be judged again (another judge, another metric) in seconds instead
+    of sampling again, and lets an interrupted study lose at most the weight it was sampling.
+    """
+    if cache is not None and os.path.isfile(cache):
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            if saved.get("identity") == identity:
+                return saved["images"], saved["labels"], saved["seconds"]
+        except Exception:  # a truncated or foreign file is sampled again and replaced
+            pass
+    started = time.perf_counter()
+    images, labels = sample()
+    seconds = time.perf_counter() - started
+    if cache is not None:
+        save_checkpoint({"identity": identity, "images": images, "labels": labels, "seconds": seconds}, cache)
+    return images, labels, seconds
 
 
 def real_row(features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, n_generated: int) -> dict:
@@ -140,12 +163,15 @@ def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per
                    sampler: str = "ddpm",
                    steps: int | None = None, weights: str = "ema", clip_denoised: bool = False, seed: int = 0,
                    flags: dict | None = None, classifier_path: str | None = None,
-                   chunk_size: int | None = None, spacing: str = "logsnr", eta: float = 0.0) -> list[dict]:
+                   chunk_size: int | None = None, spacing: str = "logsnr", eta: float = 0.0,
+                   sample_cache: str | None = None) -> list[dict]:
     """The metric table of a model: a row for the real test images, then one per guidance weight.
 
     ``n_per_class``: images per class, one count or one per weight (``images_per_weight``); the real row's noise
     floor is that of the largest generated set. ``flags`` are data settings (TrainConfig fields) that replace the
-    run's, e.g. another data root; ``weights`` only labels the rows.
+    run's, e.g. another data root; ``weights`` only labels the rows. ``sample_cache``: a path prefix under which
+    each weight's images are saved (``<prefix>_w<w>_n<count>.pt``) and reused by a later call with the same
+    settings (``sample_or_reuse``); the table's seconds are then those of the first sampling.
     """
     config = model.config
     counts = images_per_weight(guidance, n_per_class)
@@ -164,10 +190,11 @@ def evaluate_model(model: SamplingModel, name: str, guidance: list[float], n_per
     sampling = dict(sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised, spacing=spacing, seed=seed)
     chunk_size = model.images_per_call(chunk_size)
     for w, count in zip(guidance, counts):
-        started = time.perf_counter()
-        images, labels = generate_classes(model, count, w, chunk_size, **sampling)
-        seconds = time.perf_counter() - started
         settings = sampling_settings(weights, w, sampler, n_steps, spacing, eta, clip_denoised, chunk_size)
+        identity = {"model": name, **settings, "seed": seed, "n_per_class": count}
+        cache = None if sample_cache is None else f"{sample_cache}_w{w:g}_n{count}.pt"
+        images, labels, seconds = sample_or_reuse(
+            cache, identity, lambda: generate_classes(model, count, w, chunk_size, **sampling))
         rows.append(generated_row(classifier, images, labels, real_features, rows[0]["real_diversity"], settings,
                                   seconds))
         tqdm.write(f"w={w:g}: {seconds:.1f} s")

@@ -349,6 +349,31 @@ def test_sampler_study_writes_a_table_per_setting_the_summary_and_the_figure(tin
         samplers.main(argv[:-3] + ["ddim7"])
 
 
+def test_a_deleted_study_table_is_judged_again_from_the_saved_images(tiny_run, tmp_path, monkeypatch):
+    from lab import sample_quality
+    from tools import samplers
+    out = str(tmp_path / "study")
+    argv = ["--checkpoint", tiny_run["checkpoint"], "--n-per-class", "3", "2", "--device", "cpu", "--cache-dir", "",
+            "--guidance", "0", "1", "--out", out, "--only", "ddim10"]
+    samplers.main(argv)
+    table = os.path.join(out, "ddim10.csv")
+    first = read_rows(table)
+    assert [row["n"] for row in first[1:]] == ["30", "20"]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["ddim10_w0_n3.pt", "ddim10_w1_n2.pt"]
+    sample = sample_quality.generate_classes
+    calls = []
+    monkeypatch.setattr(sample_quality, "generate_classes", lambda *a, **k: calls.append(a) or sample(*a, **k))
+    os.remove(table)
+    samplers.main(argv)                                                        # the same images, judged again
+    assert read_rows(table) == first and calls == []
+    os.remove(table)
+    samplers.main(argv + ["--classifier", tiny_run["classifier"]])             # another judge, no new sampling
+    assert [row["seconds"] for row in read_rows(table)] == [row["seconds"] for row in first] and calls == []
+    os.remove(table)
+    samplers.main(argv + ["--seed", "1"])                                      # other noise: sampled anew
+    assert len(calls) == 2
+
+
 def test_sampler_setting_names_carry_spacing_and_stochasticity():
     from tools import samplers
     assert samplers.setting_name("ddpm", None, "time") == "ddpm"

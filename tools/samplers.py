@@ -6,7 +6,10 @@ judged by tools/evaluate.py's metrics (sheet 1 Q6: the main drawback of diffusio
         --image-folder /path/to/data/cifar10-jpeg/train --out log_cifar10/samplers
 
 Every sampler setting gets its own metric table in --out (<sampler><steps>[_<spacing>].csv, reused when the
-command runs again, so an interrupted study loses one table at most); then the study writes
+command runs again). The generated images of each setting and weight are kept in --out/samples/ (git-ignored
+.pt files, reused by a later call with the same settings): an interrupted study loses one weight's sampling at
+most, and deleting a table judges its saved images again, e.g. with a new judge, in seconds. Then the study
+writes
 
     samplers.csv   one row per sampler setting and guidance weight: steps, network evaluations per image,
                    images/s, class accuracy, Frechet distance, diversity (and the real test images' row)
@@ -47,8 +50,9 @@ def table_for(model, folder: str, sampler: str, steps: int | None, spacing: str,
     path = os.path.join(folder, name + ".csv")
     if not os.path.exists(path):
         rows = evaluate_model(model, f"{args.checkpoint} with {name}", args.guidance, args.n_per_class, sampler,
-                              steps, seed=args.seed, flags=data_flags(args), chunk_size=args.chunk_size,
-                              spacing=spacing, eta=eta)
+                              steps, seed=args.seed, flags=data_flags(args), classifier_path=args.classifier,
+                              chunk_size=args.chunk_size, spacing=spacing, eta=eta,
+                              sample_cache=os.path.join(folder, "samples", name))
         write_table(rows, path)
     with open(path, newline="") as file:
         return list(csv.DictReader(file))
@@ -104,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_seed_flag(flags)
     add_device_flag(flags)
     add_out_flag(flags, "folder for the tables and the figure")
+    parser.add_argument("--classifier", help="the judge (default: classifiers/<dataset>.pt)")
     return parser
 
 

@@ -11,8 +11,9 @@ command runs again). The generated images of each setting and weight are kept in
 most, and deleting a table judges its saved images again, e.g. with a new judge, in seconds. Then the study
 writes
 
-    samplers.csv   one row per sampler setting and guidance weight: steps, network evaluations per image,
-                   images/s, class accuracy, Frechet distance, diversity (and the real test images' row)
+    samplers.csv   one row per sampler setting and guidance weight of every table in --out (earlier calls' too):
+                   steps, network evaluations per image, images/s, class accuracy, Frechet distance, diversity
+                   (and the real test images' row)
     samplers.png   accuracy and Frechet distance against network evaluations per image, one line per sampler
 """
 from __future__ import annotations
@@ -44,8 +45,8 @@ def setting_name(sampler: str, steps: int | None, spacing: str, eta: float = 0.0
     return f"{sampler}{steps or ''}{suffix}"
 
 
-def table_for(model, folder: str, sampler: str, steps: int | None, spacing: str, eta: float, args) -> list[dict]:
-    """The metric table of one sampler setting, read back when an earlier call wrote it."""
+def table_for(model, folder: str, sampler: str, steps: int | None, spacing: str, eta: float, args) -> None:
+    """Write the metric table of one sampler setting, unless an earlier call wrote it."""
     name = setting_name(sampler, steps, spacing, eta)
     path = os.path.join(folder, name + ".csv")
     if not os.path.exists(path):
@@ -54,8 +55,18 @@ def table_for(model, folder: str, sampler: str, steps: int | None, spacing: str,
                               chunk_size=args.chunk_size, spacing=spacing, eta=eta,
                               sample_cache=os.path.join(folder, "samples", name))
         write_table(rows, path)
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
+
+
+def tables_in(folder: str) -> dict:
+    """Every setting's metric table in ``folder``, in the order of SETTINGS: the rows of <setting>.csv by name
+    (tables of earlier calls with other --only or --guidance included)."""
+    tables = {}
+    for setting in SETTINGS:
+        path = os.path.join(folder, setting_name(*setting) + ".csv")
+        if os.path.exists(path):
+            with open(path, newline="") as file:
+                tables[setting_name(*setting)] = list(csv.DictReader(file))
+    return tables
 
 
 def summary_rows(tables: dict) -> list[dict]:
@@ -86,8 +97,9 @@ def run(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(by_name)}")
     chosen = [by_name[name] for name in args.only] if args.only else SETTINGS      # in the order asked for
-    tables = {setting_name(*setting): table_for(model, args.out, *setting, args) for setting in chosen}
-    rows = summary_rows(tables)
+    for setting in chosen:
+        table_for(model, args.out, *setting, args)
+    rows = summary_rows(tables_in(args.out))
     utils.write_rows_csv(rows, os.path.join(args.out, "samplers.csv"))
     utils.plot_sampler_study(rows, os.path.join(args.out, "samplers.png"),
                              f"{os.path.basename(args.checkpoint)}: quality against network evaluations")

@@ -328,11 +328,14 @@ class Runner:
 
     Sandboxed (the default), the runner lives in a bubblewrap sandbox (staff/graded/sandbox.py) whose only
     writable folder of this machine is its slot: for each job the grader moves the task's workspace and io folder
-    into the slot and, when the runner has answered (every process of the job ended), out again.
+    into the slot and, when the runner has answered (every process of the job ended), out again. The sandbox
+    ends with the thread that started it (--die-with-parent), so runners are started by ``starter``, a thread
+    that lives as long as the grader.
     """
 
-    def __init__(self, scratch: str, memory_bytes: int, sandboxed: bool = True):
-        self.scratch, self.memory_bytes, self.sandboxed = scratch, memory_bytes, sandboxed
+    def __init__(self, scratch: str, memory_bytes: int, sandboxed: bool = True,
+                 starter: Optional[ThreadPoolExecutor] = None):
+        self.scratch, self.memory_bytes, self.sandboxed, self.starter = scratch, memory_bytes, sandboxed, starter
         self.slot = os.path.join(scratch, "slot")
         self.process = None
         self.start()
@@ -353,10 +356,12 @@ class Runner:
         env.update(HOME=home, TMPDIR=tmp, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    OMP_WAIT_POLICY="PASSIVE", MPLBACKEND="Agg", MPLCONFIGDIR=os.path.join(home, "mpl"),
                    TORCH_HOME=os.path.join(home, "torch"), PYTHONHASHSEED="0")
-        self.process = subprocess.Popen(
-            command, cwd=self.scratch if self.sandboxed else tmp, env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=open(os.path.join(self.scratch, "runner.log"), "ab"),
-            universal_newlines=True, bufsize=1)
+        def popen():
+            with open(os.path.join(self.scratch, "runner.log"), "ab") as log:
+                return subprocess.Popen(command, cwd=self.scratch if self.sandboxed else tmp, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                        universal_newlines=True, bufsize=1)
+        self.process = self.starter.submit(popen).result() if self.starter else popen()
 
     def run(self, job: dict) -> dict:
         """Run a job on its workspace and io folder (moved into the slot and back when sandboxed)."""
@@ -431,6 +436,7 @@ class Grader:
         self.memory_bytes = int(memory_gb * 2 ** 30)
         self.runners: "queue.Queue[Runner]" = queue.Queue()
         self._runner_lock = threading.Lock()
+        self._starter = ThreadPoolExecutor(max_workers=1)      # starts the runners: a thread as long-lived as this
         self._started = 0
         self._results: Dict[str, list] = {}
         self._pending: Dict[str, threading.Event] = {}
@@ -443,12 +449,13 @@ class Grader:
                 self._started += 1
                 folder = os.path.join(self.scratch, f"runner{self._started}")
                 os.makedirs(folder, exist_ok=True)
-                return Runner(folder, self.memory_bytes, self.sandboxed)
+                return Runner(folder, self.memory_bytes, self.sandboxed, self._starter)
         return self.runners.get()
 
     def close(self) -> None:
         while not self.runners.empty():
             self.runners.get().close()
+        self._starter.shutdown()
 
     def run_task(self, workspace: str, digest: str, task: str) -> List[CheckResult]:
         """Run a task's checks on a workspace and judge them (or reuse the results of an identical workspace)."""

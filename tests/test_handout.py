@@ -20,13 +20,14 @@ import pytest
 
 from staff import grade
 from staff import handout
-from staff.graded import probes, verdicts
+from staff.graded import probes, sandbox, verdicts
 
 REPO = handout.REPO
 MUTANTS_FILE = os.path.join(REPO, "staff", "mutants", "mutants.json")
 VARIANTS_FILE = os.path.join(REPO, "staff", "mutants", "variants.json")
 MUTANT_KEYS = {"name", "task", "file", "old", "new", "why"}
 TIMEOUT = 60
+SANDBOXED = sandbox.problem() is None      # tests/test_sandbox.py tries to get out; here grading is graded
 SHEET1_POINTS = {"sheet1-convblock": 1, "sheet1-encoder": 1, "sheet1-decoder": 1, "sheet1-embedding": 1,
                  "sheet1-final-block": 1, "sheet1-unet-forward": 1.5, "sheet1-parameter-check": 0.5,
                  "sheet1-schedule": 2, "sheet1-algorithm1": 2, "sheet1-algorithm2": 1}
@@ -107,7 +108,7 @@ def handout_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grader(tmp_path_factory):
     scratch = str(tmp_path_factory.mktemp("grading"))
-    found = grade.Grader(scratch, workers=2, timeout=TIMEOUT)
+    found = grade.Grader(scratch, workers=2, timeout=TIMEOUT, sandboxed=SANDBOXED)
     yield found
     found.close()
 
@@ -393,7 +394,7 @@ def test_edited_away_markers_are_reported_for_their_task(gradings):
 def test_an_endless_loop_costs_its_task_only(tmp_path):
     project = copy_project(REPO, str(tmp_path / "hang"))
     replace_once(project, "ddpm.py", Q_SAMPLE, "        while True:\n            pass\n")
-    grader = grade.Grader(str(tmp_path / "scratch"), workers=2, timeout=3)
+    grader = grade.Grader(str(tmp_path / "scratch"), workers=2, timeout=3, sandboxed=SANDBOXED)
     try:
         grades = by_task(grader.grade(project, tasks=["sheet2-q-sample", "sheet2-sigmoid-schedule"]))
     finally:
@@ -416,7 +417,7 @@ def test_a_class_in_one_command(handout_dir, tmp_path):
     out = tmp_path / "reports"
     tasks = ["sheet2-sigmoid-schedule", "sheet1-final-block"]
     assert grade.main(["--class", str(submissions), "--out", str(out), "--task", tasks[0], "--task", tasks[1],
-                       "--workers", "2"]) == 1
+                       "--workers", "2"] + ([] if SANDBOXED else ["--no-sandbox"])) == 1
     with open(str(out / "class.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["submission"] for row in rows] == ["alice", "bob"]

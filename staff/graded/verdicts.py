@@ -971,8 +971,12 @@ def test_loop_inputs(rng, loss_type):
 
 
 def verify_test_loop(inputs, outputs):
+    """What training.test_loss's docstring states: the noise loss (config.loss or l2) of every test image with its
+    one-hot class at each of a fixed set of at least two timesteps in 1..T, noise fixed by a seed (the same value
+    on every call). Which timesteps is the student's choice: the sheet asks for "specific time-steps"."""
     net_y, net_t, net_c, first, second = need(outputs, "net_y", "net_t", "net_c", "first", "second")
-    if float(first) != float(second) or not np.array_equal(net_y, outputs.get("again_net_y")):
+    if float(first) != float(second) or not np.array_equal(net_y, outputs.get("again_net_y")) \
+            or not np.array_equal(net_t, outputs.get("again_net_t")):
         raise Failed("the test loss differs between two calls: fix the test noise and timesteps (a defined test "
                      "set at specific time-steps)")
     T = int(inputs["T"])
@@ -984,7 +988,8 @@ def verify_test_loop(inputs, outputs):
         raise Failed("the test images are evaluated with their one-hot class labels")
     timesteps = sorted(set(t.tolist()))
     if len(timesteps) < 2 or timesteps[0] < 1 or timesteps[-1] > T:
-        raise Failed(f"the test loss uses the timesteps {timesteps}; the sheet: specific time-steps in 1..T")
+        raise Failed(f"the test loss uses the timesteps {timesteps}; the docstring: a fixed set of at least two "
+                     f"timesteps in 1..T (the sheet's specific time-steps)")
     for step in timesteps:
         if sorted(label[t == step].tolist()) != list(range(10)):
             raise Failed(f"at t = {step} the test loop did not evaluate each test image once")

@@ -2,6 +2,7 @@
 
     python -m staff.grade SUBMISSION [--csv PATH | --no-csv] [--overwrite] [--task TASK_ID ...] [-v]
     python -m staff.grade --class SUBMISSIONS_DIR --out REPORTS_DIR [--workers N]
+    (either: --no-sandbox, for code you trust only)
 
 SUBMISSION is a project folder or a .zip of one (the project may sit in one folder inside). --class grades every
 folder and .zip file in SUBMISSIONS_DIR side by side and writes REPORTS_DIR/class.csv (one row per submission: the
@@ -18,8 +19,10 @@ with the sheets' mathematics here, in the grading process, where no student code
           that task; and when a check fails there,
   tier 2: the student's project as handed in (a task that builds on the student's own names elsewhere);
 the better of the two counts. A task's points are its points (staff/points.csv) times the share of the weight of
-its checks that passed. The student's tests/, conftest.py and pytest set-up are never used, the submission is
-copied and never written, and every job runs with the working folder, HOME and TMPDIR inside the grading folder.
+its checks that passed. The student's tests/, conftest.py and pytest set-up are never used, and the submission is
+copied and never written. Every task's process runs in a bubblewrap sandbox (staff/graded/sandbox.py): it sees the
+system, the Python and its own workspace only, writes only there and in a private /tmp, has no network, and leaves
+no process behind. Without bubblewrap (or unprivileged user namespaces) grading is refused unless --no-sandbox.
 
 Exit status: 0 every task full, 1 some points lost, 2 grading could not start. Standard library plus numpy and
 torch (requirements.txt); Python 3.8.

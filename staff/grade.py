@@ -421,12 +421,13 @@ class Grader:
 
     def __init__(self, scratch: str, workers: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT,
                  memory_gb: float = DEFAULT_MEMORY_GB, seed: Optional[int] = None, repo: str = REPO,
-                 reuse: bool = True, sandboxed: bool = True):
+                 reuse: bool = True, sandboxed: bool = True, clean_up: bool = False):
         from staff.graded import verdicts
         if sandboxed and sandbox.problem():
             raise SandboxError(sandbox.refusal(sandbox.problem()))
         self.verdicts = verdicts
         self.scratch, self.timeout, self.reuse, self.sandboxed = scratch, timeout, reuse, sandboxed
+        self.clean_up = clean_up           # delete a submission's workspaces once it is graded (unless --keep)
         os.makedirs(scratch, exist_ok=True)
         self.reference = Reference(repo)
         self.points = read_points()
@@ -574,8 +575,12 @@ class Grader:
             return TaskGrade(task, task_points(points, results), points, len(results) - len(failures), len(results),
                              reason, results)
 
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            graded = list(pool.map(grade_task, selected))
+        try:
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                graded = list(pool.map(grade_task, selected))
+        finally:
+            if self.clean_up:
+                remove_tree(folder)
         return SubmissionGrade(name, graded)
 
 
@@ -657,7 +662,7 @@ def grade_class(submissions_dir: str, out: str, workers: Optional[int] = None, t
         raise SandboxError(sandbox.refusal(sandbox.problem()))
     scratch = keep or tempfile.mkdtemp(prefix="grade-class-")
     os.makedirs(scratch, exist_ok=True)
-    grader = Grader(scratch, workers, timeout, memory_gb, reuse=reuse, sandboxed=sandboxed)
+    grader = Grader(scratch, workers, timeout, memory_gb, reuse=reuse, sandboxed=sandboxed, clean_up=keep is None)
     os.makedirs(out, exist_ok=True)
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(len(found), grader.workers))) as pool:
@@ -684,7 +689,7 @@ def grade_one(source: str, tasks: Optional[Sequence[str]] = None, timeout: float
         raise SandboxError(sandbox.refusal(sandbox.problem()))
     scratch = keep or tempfile.mkdtemp(prefix="grade-")
     os.makedirs(scratch, exist_ok=True)
-    grader = Grader(scratch, workers, timeout, memory_gb, sandboxed=sandboxed)
+    grader = Grader(scratch, workers, timeout, memory_gb, sandboxed=sandboxed, clean_up=keep is None)
     try:
         return grader.grade(source, tasks=tasks)
     finally:

@@ -627,3 +627,16 @@ def test_a_class_in_one_command(handout_dir, tmp_path):
     assert rows[1]["total"] == "0" and rows[1]["first_failure"].startswith("sheet")
     for name in ("alice", "bob"):
         assert (out / name / "report.txt").is_file() and (out / name / "report.csv").is_file()
+
+
+def test_the_demo_class_holds_every_mutant_and_variant_and_copies(tmp_path):
+    from staff import demo_class
+    items = len(load(MUTANTS_FILE)) + len(load(VARIANTS_FILE))
+    names = demo_class.make_class(str(tmp_path / "class"), size=items + 3)
+    assert len(names) == items + 3 and sum(name.endswith(".zip") for name in names) == (items + 3 + 2) // 3
+    kinds = [name.split("-")[0] for name in names]
+    assert kinds.count("mutant") == len(load(MUTANTS_FILE)) and kinds.count("variant") == len(load(VARIANTS_FILE))
+    assert kinds.count("handout") == 1 and kinds.count("reference") == 2
+    assert grade.submissions_in(str(tmp_path / "class"))[0][0] == names[0].replace(".zip", "")
+    with pytest.raises(ValueError, match="at least"):
+        demo_class.make_class(str(tmp_path / "small"), size=items)

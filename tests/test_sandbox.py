@@ -300,6 +300,19 @@ def test_a_missing_sandbox_tool_is_refused_in_one_line(tmp_path, monkeypatch):
     assert "--no-sandbox" in err and not os.path.exists(str(tmp_path / "grade.csv"))
 
 
+def test_a_sandbox_that_cannot_start_is_refused_with_its_cause(tmp_path, monkeypatch):
+    """As where unprivileged user namespaces are restricted: bwrap is there but fails."""
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox, "TOOL", str(fake))
+    monkeypatch.setattr(sandbox, "_PROBLEM", {})
+    code, out, err = run_main(["--class", REPO, "--out", str(tmp_path / "reports")])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot start a sandbox here (bwrap: setting up uid map: Permission denied)" in err
+    assert "user namespaces" in err and "--no-sandbox" in err and not (tmp_path / "reports").exists()
+
+
 def test_no_sandbox_warns_on_every_run(tmp_path):
     project = copy_project(str(tmp_path / "p"))
     code, out, err = run_main([project, "--no-sandbox", "--no-csv", "--task", "sheet2-sigmoid-schedule",

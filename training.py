@@ -367,10 +367,13 @@ def model_for_sampling(run: Run) -> SamplingModel:
 
 @torch.inference_mode()
 def test_loss(model: SamplingModel, test_set: ImageSet, config: TrainConfig) -> dict[str, float]:
-    """Conditional test loss at ``eval_timesteps`` timesteps spread over 1..T, with noise fixed by a seed.
+    """Sheet 2, 2.2 e: "the loss for a defined test set at specific time-steps". The noise loss (S2 eq. 9, with
+    ``config.loss``, or always l2) of every test image with its one-hot class, at each of a fixed set of at least
+    two timesteps in 1..T, with noise fixed by a seed: every call gives the same value. This solution takes
+    ``config.eval_timesteps`` timesteps spread evenly over 1..T.
 
-    Returns {'test_loss': mean over timesteps, 'test_loss_t{t}': mean at t, ...}; comparable across epochs and
-    runs with the same T and test images.
+    Returns {'test_loss': the mean over all images and timesteps, 'test_loss_t{t}': the mean at t, ...};
+    comparable across epochs and runs with the same T and test images.
     """
     if len(test_set) == 0:
         return {}

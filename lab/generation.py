@@ -2,8 +2,8 @@
 (sample, evaluate, visualize, experiments and the training grids).
 
 The sheet's sampler is Algorithm 2 itself, ``DDPM.sample``. ``SamplingDDPM`` is a DDPM with what goes beyond the
-sheets: guidance towards a mixture of classes (composed guidance), clipping of the predicted y_0, and the fast
-path's shared encoder; the few-step samplers (lab.few_step) run on the same guided noise.
+sheets: guidance towards a mixture of classes (composed guidance, lab.mixtures), clipping of the predicted y_0,
+and the fast path's shared encoder; the few-step samplers (lab.few_step) run on the same guided noise.
 """
 from __future__ import annotations
 
@@ -14,23 +14,13 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ddpm import DDPM, classifier_free_guidance, frame_timesteps
+from ddpm import DDPM, frame_timesteps
 from lab import few_step
 from lab.checkpoints import load_network
+from lab.mixtures import composed_noise
 from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath
 
 DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20}   # steps of the few-step samplers when none are asked for
-
-
-def composed_guidance(conditionals: torch.Tensor, unconditional: torch.Tensor | float, w: float,
-                      proportions: Sequence[float]) -> torch.Tensor:
-    """Guidance towards a mixture sum_k p_k c_k: eq. 5 per class, averaged with the proportions p_k (sum 1).
-
-    sum_k p_k ((1 + w) eps(c_k) - w eps(0)) = eps(0) + (1 + w) sum_k p_k (eps(c_k) - eps(0)), the composed
-    guidance of Liu et al. (2022). conditionals [K, N, C, H, W]; returns [N, C, H, W]. K = 1, p = (1,) is eq. 5.
-    """
-    return sum(p * classifier_free_guidance(conditional, unconditional, w)
-               for p, conditional in zip(proportions, conditionals))
 
 
 class SamplingDDPM(DDPM):
@@ -38,8 +28,8 @@ class SamplingDDPM(DDPM):
 
     - ``proportions``: conditions [K, N, n_classes] hold K class vectors per image, and the guided noise is
       eq. 5 per class averaged with these K proportions (``composed_guidance``), from one network call on the K
-      conditional copies and the unconditional one. With K = 1 (conditions [N, n_classes]) it is the sheet's
-      ``DDPM.guided_noise``.
+      conditional copies and the unconditional one (``lab.mixtures.composed_noise``). With K = 1 (conditions
+      [N, n_classes]) it is the sheet's ``DDPM.guided_noise``.
     - ``clip_denoised``: the guided noise is replaced by the one that explains y_t by the predicted y_0 clipped to
       [-1, 1] (``noise_for_clipped_start``); needed by the cosine schedule.
     - the fast path: a network that offers ``noise_of_copies(x, time, classes, copies)`` (``FastInference``: the
@@ -66,25 +56,9 @@ class SamplingDDPM(DDPM):
     def guided_noise(self, y_t: torch.Tensor, t: int, c: torch.Tensor, w: float) -> torch.Tensor:
         if c.dim() == 3 and c.shape[0] == 1 and self.proportions == (1.0,):
             c = c[0]                                       # one class vector per image: the sheet's eq. 5
-        noise = self.composed_noise(y_t, t, c, w) if c.dim() == 3 else super().guided_noise(y_t, t, c, w)
+        noise = composed_noise(self, y_t, t, c, w, self.proportions) if c.dim() == 3 \
+            else super().guided_noise(y_t, t, c, w)
         return self.noise_for_clipped_start(y_t, t, noise) if self.clip_denoised else noise
-
-    def composed_noise(self, y_t: torch.Tensor, t: int, conditions: torch.Tensor, w: float) -> torch.Tensor:
-        """Composed guidance for conditions [K, N, n_classes] with ``proportions``: the K conditional copies of
-        y_t and (for w != 0) the unconditional one in one network call. Returns [N, C, H, W]."""
-        n_conditions, n = conditions.shape[:2]
-        if len(self.proportions) != n_conditions:
-            raise ValueError(f"need one proportion per condition: {n_conditions} conditions, "
-                             f"got {len(self.proportions)} proportions")
-        if y_t.shape[0] != n:
-            raise ValueError(f"conditions must hold one class vector per image: {y_t.shape[0]} images, got "
-                             f"conditions of shape {list(conditions.shape)}")
-        classes = conditions.reshape(n_conditions * n, -1)
-        if w != 0:
-            classes = torch.cat((classes, torch.zeros(n, classes.shape[-1], device=classes.device)))
-        noise = self.noise_of_copies(y_t, t, classes).float().view(-1, *y_t.shape)
-        unconditional = noise[n_conditions] if w != 0 else 0.0
-        return composed_guidance(noise[:n_conditions], unconditional, w, self.proportions)
 
     def noise_for_clipped_start(self, y_t: torch.Tensor, t: int, predicted_noise: torch.Tensor) -> torch.Tensor:
         """The noise that explains y_t by the predicted y_0 clipped to the data range [-1, 1].

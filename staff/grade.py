@@ -2,6 +2,7 @@
 
     python -m staff.grade SUBMISSION [--csv PATH | --no-csv] [--overwrite] [--task TASK_ID ...] [-v]
     python -m staff.grade --class SUBMISSIONS_DIR --out REPORTS_DIR [--workers N]
+    (either: --no-sandbox, for code you trust only)
 
 SUBMISSION is a project folder or a .zip of one (the project may sit in one folder inside). --class grades every
 folder and .zip file in SUBMISSIONS_DIR side by side and writes REPORTS_DIR/class.csv (one row per submission: the
@@ -18,8 +19,10 @@ with the sheets' mathematics here, in the grading process, where no student code
           that task; and when a check fails there,
   tier 2: the student's project as handed in (a task that builds on the student's own names elsewhere);
 the better of the two counts. A task's points are its points (staff/points.csv) times the share of the weight of
-its checks that passed. The student's tests/, conftest.py and pytest set-up are never used, the submission is
-copied and never written, and every job runs with the working folder, HOME and TMPDIR inside the grading folder.
+its checks that passed. The student's tests/, conftest.py and pytest set-up are never used, and the submission is
+copied and never written. Every task's process runs in a bubblewrap sandbox (staff/graded/sandbox.py): it sees the
+system, the Python and its own workspace only, writes only there and in a private /tmp, has no network, and leaves
+no process behind. Without bubblewrap (or unprivileged user namespaces) grading is refused unless --no-sandbox.
 
 Exit status: 0 every task full, 1 some points lost, 2 grading could not start. Standard library plus numpy and
 torch (requirements.txt); Python 3.8.
@@ -30,6 +33,7 @@ import argparse
 import csv
 import fnmatch
 import hashlib
+import io
 import json
 import math
 import os
@@ -37,6 +41,7 @@ import queue
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -51,6 +56,7 @@ if __package__ in (None, ""):          # run as a file, python staff/grade.py: t
     sys.path.insert(0, REPO)
 
 from staff import handout  # noqa: E402
+from staff.graded import sandbox  # noqa: E402
 from staff.handout import TASKS  # noqa: E402
 
 DEFAULT_TIMEOUT = 60
@@ -142,10 +148,29 @@ def find_project_root(folder: str) -> str:
     return folder
 
 
+def ignored_in(source: str):
+    """copytree's ignore for a submission folder: COPY_IGNORE, and every symbolic link except one to a file inside
+    the submission (copied as that file). A link pointing outside (the grader would copy a file of this machine
+    for the student's code to read), to a folder, or to nothing is left out, as if it were not there."""
+    root = os.path.realpath(source)
+    patterns = shutil.ignore_patterns(*COPY_IGNORE)
+
+    def ignore(folder, names):
+        left_out = set(patterns(folder, names))
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if not os.path.isfile(target) or not target.startswith(root + os.sep):
+                    left_out.add(name)
+        return left_out
+    return ignore
+
+
 def unpack(source: str, target: str) -> str:
     """Copy a submission folder, or extract a .zip safely (no paths outside, limited size), into ``target``."""
     if os.path.isdir(source):
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=False)
+        shutil.copytree(source, target, ignore=ignored_in(source), symlinks=False)
         return find_project_root(target)
     if not zipfile.is_zipfile(source):
         raise ValueError(f"{source} is neither a folder nor a zip file")
@@ -235,6 +260,22 @@ def edited_away(reference: Reference, project: str) -> Dict[str, List[str]]:
     return missing
 
 
+def remove_tree(path: str) -> None:
+    """Delete a file or folder a job may have left, also folders it made unreadable; never follows a link."""
+    def allow(function, failed, _error):
+        try:
+            os.chmod(os.path.dirname(failed), 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+            function(failed)
+        except OSError:
+            pass
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, onerror=allow)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
 def make_workspace(reference: Reference, project: str, target: str, keep_task: Optional[str]) -> str:
     """A copy of the student's project, with the reference's regions of every task but ``keep_task`` (tier 1)
     or exactly as handed in (``keep_task`` None, tier 2). Returns a hash of its files."""
@@ -263,30 +304,91 @@ def make_workspace(reference: Reference, project: str, target: str, keep_task: O
 # The runners (staff/graded/runner.py) and the jobs
 # --------------------------------------------------------------------------------------------------------------
 
-class Runner:
-    """One runner process: imports the libraries once and forks a process per job."""
+def read_job_file(folder_fd: int, name: str, limit: int, whole: bool = True) -> Optional[bytes]:
+    """A regular file a job wrote into its io folder, or None: no such file, one over ``limit`` bytes (``whole``;
+    else its first ``limit`` bytes), or anything else (a link, a pipe) in its place, which would make the grader
+    read elsewhere or wait."""
+    try:
+        handle = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)
+    except OSError:
+        return None
+    try:
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode) or (whole and status.st_size > limit):
+            return None
+        with os.fdopen(os.dup(handle), "rb") as stream:
+            return stream.read(limit)
+    finally:
+        os.close(handle)
 
-    def __init__(self, scratch: str, memory_bytes: int):
-        self.scratch, self.memory_bytes = scratch, memory_bytes
+
+class SandboxError(RuntimeError):
+    """The sandbox cannot run on this machine (the message says why, how to fix it, and --no-sandbox)."""
+
+
+class Runner:
+    """One runner process: imports the libraries once and forks a process per job.
+
+    Sandboxed (the default), the runner lives in a bubblewrap sandbox (staff/graded/sandbox.py) whose only
+    writable folder of this machine is its slot: for each job the grader moves the task's workspace and io folder
+    into the slot and, when the runner has answered (every process of the job ended), out again. The sandbox
+    ends with the thread that started it (--die-with-parent), so runners are started by ``starter``, a thread
+    that lives as long as the grader.
+    """
+
+    def __init__(self, scratch: str, memory_bytes: int, sandboxed: bool = True,
+                 starter: Optional[ThreadPoolExecutor] = None):
+        self.scratch, self.memory_bytes, self.sandboxed, self.starter = scratch, memory_bytes, sandboxed, starter
+        self.slot = os.path.join(scratch, "slot")
         self.process = None
         self.start()
 
     def start(self) -> None:
-        home = os.path.join(self.scratch, "home")
-        tmp = os.path.join(self.scratch, "tmp")
-        os.makedirs(home, exist_ok=True)
-        os.makedirs(tmp, exist_ok=True)
+        home, tmp = os.path.join(self.scratch, "home"), os.path.join(self.scratch, "tmp")
+        command = [sys.executable, os.path.join(REPO, "staff", "graded", "runner.py"), "--memory-bytes",
+                   str(self.memory_bytes)]
+        if self.sandboxed:
+            os.makedirs(self.slot, exist_ok=True)
+            home, tmp = sandbox.HOME, "/tmp"
+            command = sandbox.arguments(self.slot) + ["--"] + command + ["--sandboxed"]
+        else:
+            os.makedirs(home, exist_ok=True)
+            os.makedirs(tmp, exist_ok=True)
         env = {key: value for key, value in os.environ.items()
                if key in ("PATH", "LANG", "LC_ALL", "SYSTEMROOT", "VIRTUAL_ENV")}
         env.update(HOME=home, TMPDIR=tmp, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    OMP_WAIT_POLICY="PASSIVE", MPLBACKEND="Agg", MPLCONFIGDIR=os.path.join(home, "mpl"),
                    TORCH_HOME=os.path.join(home, "torch"), PYTHONHASHSEED="0")
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "staff", "graded", "runner.py"), "--memory-bytes",
-             str(self.memory_bytes)], cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=open(os.path.join(self.scratch, "runner.log"), "ab"), universal_newlines=True, bufsize=1)
+        def popen():
+            with open(os.path.join(self.scratch, "runner.log"), "ab") as log:
+                return subprocess.Popen(command, cwd=self.scratch if self.sandboxed else tmp, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                        universal_newlines=True, bufsize=1)
+        self.process = self.starter.submit(popen).result() if self.starter else popen()
 
     def run(self, job: dict) -> dict:
+        """Run a job on its workspace and io folder (moved into the slot and back when sandboxed)."""
+        if not self.sandboxed:
+            return self.send(job)
+        workspace, io_dir = job["workspace"], job["io"]
+        self.empty_slot()
+        os.rename(workspace, os.path.join(self.slot, "workspace"))
+        os.rename(io_dir, os.path.join(self.slot, "io"))
+        try:
+            return self.send(dict(job, workspace=f"{sandbox.SLOT}/workspace", io=f"{sandbox.SLOT}/io"))
+        finally:
+            for name, back in (("workspace", workspace), ("io", io_dir)):
+                try:
+                    os.rename(os.path.join(self.slot, name), back)   # whatever the job left there (never followed)
+                except OSError:
+                    pass
+            self.empty_slot()
+
+    def empty_slot(self) -> None:
+        for entry in os.listdir(self.slot):
+            remove_tree(os.path.join(self.slot, entry))
+
+    def send(self, job: dict) -> dict:
         """Send a job and wait for its answer; a runner that died is restarted (the job counts as crashed)."""
         try:
             self.process.stdin.write(json.dumps(job) + "\n")
@@ -319,10 +421,13 @@ class Grader:
 
     def __init__(self, scratch: str, workers: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT,
                  memory_gb: float = DEFAULT_MEMORY_GB, seed: Optional[int] = None, repo: str = REPO,
-                 reuse: bool = True):
+                 reuse: bool = True, sandboxed: bool = True, clean_up: bool = False):
         from staff.graded import verdicts
+        if sandboxed and sandbox.problem():
+            raise SandboxError(sandbox.refusal(sandbox.problem()))
         self.verdicts = verdicts
-        self.scratch, self.timeout, self.reuse = scratch, timeout, reuse
+        self.scratch, self.timeout, self.reuse, self.sandboxed = scratch, timeout, reuse, sandboxed
+        self.clean_up = clean_up           # delete a submission's workspaces once it is graded (unless --keep)
         os.makedirs(scratch, exist_ok=True)
         self.reference = Reference(repo)
         self.points = read_points()
@@ -335,6 +440,7 @@ class Grader:
         self.memory_bytes = int(memory_gb * 2 ** 30)
         self.runners: "queue.Queue[Runner]" = queue.Queue()
         self._runner_lock = threading.Lock()
+        self._starter = ThreadPoolExecutor(max_workers=1)      # starts the runners: a thread as long-lived as this
         self._started = 0
         self._results: Dict[str, list] = {}
         self._pending: Dict[str, threading.Event] = {}
@@ -347,12 +453,13 @@ class Grader:
                 self._started += 1
                 folder = os.path.join(self.scratch, f"runner{self._started}")
                 os.makedirs(folder, exist_ok=True)
-                return Runner(folder, self.memory_bytes)
+                return Runner(folder, self.memory_bytes, self.sandboxed, self._starter)
         return self.runners.get()
 
     def close(self) -> None:
         while not self.runners.empty():
             self.runners.get().close()
+        self._starter.shutdown()
 
     def run_task(self, workspace: str, digest: str, task: str) -> List[CheckResult]:
         """Run a task's checks on a workspace and judge them (or reuse the results of an identical workspace)."""
@@ -388,22 +495,26 @@ class Grader:
         os.makedirs(io_dir)
         for item in checks:
             np.savez(os.path.join(io_dir, f"{item.name}.in.npz"), **self.inputs[item.name])
-        runner = self._runner()
+        io_fd = os.open(io_dir, os.O_RDONLY | os.O_DIRECTORY)   # the folder itself, wherever a job moves it
         try:
-            answer = runner.run({"id": job_id, "workspace": workspace, "io": io_dir, "timeout": self.timeout,
-                                 "probes": [[item.name, item.probe] for item in checks]})
+            runner = self._runner()
+            try:
+                answer = runner.run({"id": job_id, "workspace": workspace, "io": io_dir, "timeout": self.timeout,
+                                     "probes": [[item.name, item.probe] for item in checks]})
+            finally:
+                self.runners.put(runner)
+            return [self.judge(item, io_fd, answer) for item in checks]
         finally:
-            self.runners.put(runner)
-        return [self.judge(item, io_dir, answer) for item in checks]
+            os.close(io_fd)
 
-    def judge(self, item, io_dir: str, answer: dict) -> CheckResult:
+    def judge(self, item, io_fd: int, answer: dict) -> CheckResult:
         """The verdict on one check, from the arrays its probe wrote (never from what the job says of itself)."""
         import numpy as np
-        out_path = os.path.join(io_dir, f"{item.name}.out.npz")
-        err_path = os.path.join(io_dir, f"{item.name}.err")
-        if os.path.isfile(out_path) and os.path.getsize(out_path) <= MAX_OUTPUT_BYTES:
+        written = read_job_file(io_fd, f"{item.name}.out.npz", MAX_OUTPUT_BYTES)
+        error_text = read_job_file(io_fd, f"{item.name}.err", 400, whole=False)
+        if written is not None:
             try:
-                with np.load(out_path, allow_pickle=False) as loaded:
+                with np.load(io.BytesIO(written), allow_pickle=False) as loaded:
                     outputs = {key: loaded[key] for key in loaded.files}
                 item.verify(self.inputs[item.name], outputs)
                 return CheckResult(item.name, True, "", item.weight)
@@ -412,9 +523,9 @@ class Grader:
             except Exception as error:                     # noqa: BLE001 (malformed arrays from the student's run)
                 return CheckResult(item.name, False, f"unusable result ({type(error).__name__}: {error})"[:400],
                                    item.weight)
-        if os.path.isfile(err_path):
-            with open(err_path, encoding="utf-8", errors="replace") as handle:
-                return CheckResult(item.name, False, handle.read(400).strip() or "failed", item.weight)
+        if error_text is not None:
+            return CheckResult(item.name, False, error_text.decode("utf-8", "replace").strip() or "failed",
+                               item.weight)
         if answer.get("status") == "timeout":
             return CheckResult(item.name, False, f"timeout: the task {answer.get('detail')}", item.weight)
         if answer.get("status") == "died":
@@ -464,8 +575,12 @@ class Grader:
             return TaskGrade(task, task_points(points, results), points, len(results) - len(failures), len(results),
                              reason, results)
 
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            graded = list(pool.map(grade_task, selected))
+        try:
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                graded = list(pool.map(grade_task, selected))
+        finally:
+            if self.clean_up:
+                remove_tree(folder)
         return SubmissionGrade(name, graded)
 
 
@@ -536,15 +651,19 @@ def submissions_in(folder: str) -> List[Tuple[str, str]]:
 
 def grade_class(submissions_dir: str, out: str, workers: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT,
                 memory_gb: float = DEFAULT_MEMORY_GB, keep: Optional[str] = None, reuse: bool = True,
-                tasks: Optional[Sequence[str]] = None, log=None) -> List[SubmissionGrade]:
+                tasks: Optional[Sequence[str]] = None, log=None, sandboxed: bool = True) -> List[SubmissionGrade]:
     """Grade every submission of a folder; writes OUT/class.csv and OUT/<name>/report.{txt,csv}."""
+    if not os.path.isdir(submissions_dir):
+        raise FileNotFoundError(f"{submissions_dir} is not a folder")
     found = submissions_in(submissions_dir)
     if not found:
         raise FileNotFoundError(f"{submissions_dir} holds no submission (folders or .zip files)")
-    os.makedirs(out, exist_ok=True)
+    if sandboxed and sandbox.problem():
+        raise SandboxError(sandbox.refusal(sandbox.problem()))
     scratch = keep or tempfile.mkdtemp(prefix="grade-class-")
     os.makedirs(scratch, exist_ok=True)
-    grader = Grader(scratch, workers, timeout, memory_gb, reuse=reuse)
+    grader = Grader(scratch, workers, timeout, memory_gb, reuse=reuse, sandboxed=sandboxed, clean_up=keep is None)
+    os.makedirs(out, exist_ok=True)
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(len(found), grader.workers))) as pool:
             futures = [(name, pool.submit(grader.grade, path, name, tasks)) for name, path in found]
@@ -565,10 +684,12 @@ def grade_class(submissions_dir: str, out: str, workers: Optional[int] = None, t
 
 def grade_one(source: str, tasks: Optional[Sequence[str]] = None, timeout: float = DEFAULT_TIMEOUT,
               memory_gb: float = DEFAULT_MEMORY_GB, workers: Optional[int] = None,
-              keep: Optional[str] = None) -> SubmissionGrade:
+              keep: Optional[str] = None, sandboxed: bool = True) -> SubmissionGrade:
+    if sandboxed and sandbox.problem():
+        raise SandboxError(sandbox.refusal(sandbox.problem()))
     scratch = keep or tempfile.mkdtemp(prefix="grade-")
     os.makedirs(scratch, exist_ok=True)
-    grader = Grader(scratch, workers, timeout, memory_gb)
+    grader = Grader(scratch, workers, timeout, memory_gb, sandboxed=sandboxed, clean_up=keep is None)
     try:
         return grader.grade(source, tasks=tasks)
     finally:
@@ -600,8 +721,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-reuse", action="store_true",
                         help="judge every workspace, also one identical to another of this run (default: identical "
                              "workspaces, e.g. copies of the same files, share their results)")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="run the students' code without the sandbox (bubblewrap), with every right of this "
+                             "user: only for code you trust")
     parser.add_argument("-v", "--verbose", action="store_true", help="list every failed check")
     return parser
+
+
+NO_SANDBOX_WARNING = ("grade.py: warning: --no-sandbox: the students' code runs with every right of this user (it "
+                      "can read, change and delete this user's files and reach the network); grade untrusted code "
+                      "in the sandbox")
+
+
+def refuse(message: str) -> int:
+    print(f"grade.py: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -614,31 +748,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("grade.py: error: grading needs a POSIX system (fork, sessions, resource limits)", file=sys.stderr)
         return 2
     if args.keep and os.path.exists(args.keep) and os.listdir(args.keep):
-        print(f"grade.py: error: {args.keep} exists and is not empty; --keep needs a new folder", file=sys.stderr)
-        return 2
+        return refuse(f"{args.keep} exists and is not empty; --keep needs a new folder")
+    if args.class_dir and not args.out:
+        parser.error("--class needs --out REPORTS_DIR")
+    if not args.class_dir and not args.submission:
+        parser.error("give SUBMISSION, or --class SUBMISSIONS_DIR --out REPORTS_DIR")
     if args.class_dir:
-        if not args.out:
-            parser.error("--class needs --out REPORTS_DIR")
+        if not os.path.isdir(args.class_dir):
+            return refuse(f"{args.class_dir} is not a folder (--class needs the folder of the submissions)")
+        if not submissions_in(args.class_dir):
+            return refuse(f"{args.class_dir} holds no submission (folders or .zip files)")
+    elif not os.path.exists(args.submission):
+        return refuse(f"{args.submission} does not exist")
+    elif not os.path.isdir(args.submission) and not zipfile.is_zipfile(args.submission):
+        return refuse(f"{args.submission} is neither a folder nor a zip file")
+    if args.no_sandbox:
+        print(NO_SANDBOX_WARNING, file=sys.stderr)
+    elif sandbox.problem():
+        print(sandbox.refusal(sandbox.problem()), file=sys.stderr)
+        return 2
+    sandboxed = not args.no_sandbox
+    if args.class_dir:
         start = time.monotonic()
-        try:
-            grades = grade_class(args.class_dir, args.out, args.workers, args.timeout, args.memory_gb, args.keep,
-                                 reuse=not args.no_reuse, tasks=args.task, log=print)
-        except FileNotFoundError as error:
-            print(f"grade.py: error: {error}", file=sys.stderr)
-            return 2
+        grades = grade_class(args.class_dir, args.out, args.workers, args.timeout, args.memory_gb, args.keep,
+                             reuse=not args.no_reuse, tasks=args.task, log=print, sandboxed=sandboxed)
         print(f"graded {len(grades)} submissions in {time.monotonic() - start:.0f} s; wrote "
               f"{os.path.join(args.out, 'class.csv')}")
         return 0 if all(g.total == g.max_total for g in grades) else 1
-    if not args.submission:
-        parser.error("give SUBMISSION, or --class SUBMISSIONS_DIR --out REPORTS_DIR")
-    if not os.path.exists(args.submission):
-        parser.error(f"{args.submission} does not exist")
     csv_path = None if args.no_csv else (args.csv or DEFAULT_CSV)
     if csv_path == DEFAULT_CSV and args.csv is None and os.path.exists(csv_path) and not args.overwrite:
-        print(f"grade.py: error: {csv_path} exists; pass --overwrite, or --csv PATH for another file",
-              file=sys.stderr)
-        return 2
-    grade = grade_one(args.submission, args.task, args.timeout, args.memory_gb, args.workers, args.keep)
+        return refuse(f"{csv_path} exists; pass --overwrite, or --csv PATH for another file")
+    grade = grade_one(args.submission, args.task, args.timeout, args.memory_gb, args.workers, args.keep, sandboxed)
     print(f"Grade of {os.path.abspath(args.submission)} (checks of {REPO}):\n")
     print(format_table(grade, args.verbose))
     if csv_path is not None:

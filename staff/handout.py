@@ -205,6 +205,16 @@ def predict_start_from_noise(ddpm, y_t, t, noise):
 def sample(*args, **kwargs):
     raise NotImplementedError("DDIM and DPM-Solver++ are not part of the exercise; use sampler 'ddpm'")
 ''',
+    "lab/mixtures.py": '''"""Guidance towards a mixture of classes: beyond the sheets, not part of the exercise.
+
+Sheet 1, question 5 asks how you could guide the model towards a mixture of two or more classes: answer it in
+answers.txt. This module only keeps the name lab/generation.py imports.
+"""
+
+
+def composed_noise(ddpm, y_t, t, conditions, w, proportions):
+    raise NotImplementedError("guidance towards a mixture of classes is not part of the exercise")
+''',
     "tools/visualize.py": '''"""Sheet 2, exercise 2.2 f): visualisation helpers.
 
 "Implement visualization helpers that may help you to understand the generation process along the timesteps.
@@ -561,7 +571,8 @@ def student_readme(regions_by_file: Dict[str, List[Region]]) -> str:
         "",
         *points_lines,
         "",
-        "Each task's code has a time limit (a minute) and a memory limit (a few GB).",
+        "Each task's code has a time limit (a minute) and a memory limit (a few GB), and runs in a sandbox: it",
+        "can write only inside its copy of your project and a private /tmp, and has no network.",
         "",
         "",
         "What to hand in",

@@ -9,7 +9,8 @@ import torch
 
 from ddpm import DDPM, classifier_free_guidance
 from lab import few_step
-from lab.generation import SamplingDDPM, composed_guidance, generate, sampling_model
+from lab.generation import SamplingDDPM, generate, sampling_model
+from lab.mixtures import composed_guidance
 from networks.Conditional_UNet import UNet
 from tests.conftest import StubNetwork
 

@@ -20,13 +20,14 @@ import pytest
 
 from staff import grade
 from staff import handout
-from staff.graded import probes, verdicts
+from staff.graded import probes, sandbox, verdicts
 
 REPO = handout.REPO
 MUTANTS_FILE = os.path.join(REPO, "staff", "mutants", "mutants.json")
 VARIANTS_FILE = os.path.join(REPO, "staff", "mutants", "variants.json")
 MUTANT_KEYS = {"name", "task", "file", "old", "new", "why"}
 TIMEOUT = 60
+SANDBOXED = sandbox.problem() is None      # tests/test_sandbox.py tries to get out; here grading is graded
 SHEET1_POINTS = {"sheet1-convblock": 1, "sheet1-encoder": 1, "sheet1-decoder": 1, "sheet1-embedding": 1,
                  "sheet1-final-block": 1, "sheet1-unet-forward": 1.5, "sheet1-parameter-check": 0.5,
                  "sheet1-schedule": 2, "sheet1-algorithm1": 2, "sheet1-algorithm2": 1}
@@ -107,7 +108,7 @@ def handout_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grader(tmp_path_factory):
     scratch = str(tmp_path_factory.mktemp("grading"))
-    found = grade.Grader(scratch, workers=2, timeout=TIMEOUT)
+    found = grade.Grader(scratch, workers=2, timeout=TIMEOUT, sandboxed=SANDBOXED)
     yield found
     found.close()
 
@@ -238,7 +239,8 @@ STUDENT_FILES = {
     ".gitignore", "README.txt", "answers.txt", "ddpm.py", "training.py", "train_mnist.py", "train_cifar10.py",
     "utils.py", "requirements.txt", "requirements-oldest.txt", "networks/__init__.py",
     "networks/Conditional_UNet.py", "lab/__init__.py", "lab/checkpoints.py", "lab/cli.py", "lab/ema.py",
-    "lab/few_step.py", "lab/generation.py", "lab/image_data.py", "lab/run_files.py", "lab/speed.py",
+    "lab/few_step.py", "lab/generation.py", "lab/image_data.py", "lab/mixtures.py", "lab/run_files.py",
+    "lab/speed.py",
     "lab/train_config.py", "tests/conftest.py", "tests/grading/plugin.py", "tests/test_unet.py",
     "tests/test_diffusion.py", "tools/__init__.py", "tools/visualize.py",
 }
@@ -299,6 +301,207 @@ def test_the_leak_search_finds_a_copied_region(tmp_path):
     lines = solution_lines()[("sheet1-unet-forward", "UNet.forward")]
     copied = [line.replace("self.", "network.") for line in lines]
     assert {normalised(line) for line in copied} & {normalised(line) for line in lines}
+
+
+# A call instead of the answer: every function and method the student copy ships, called with the arguments of a
+# region (as given, with one tensor argument given a leading axis, and with or without a DDPM as first argument),
+# in the handout with every other region filled in; a result equal to the reference's answer is a leak.
+# (task, what) of the regions searched -> the region's function, as LEAK_SEARCH names it.
+CALLED_REGIONS = {
+    ("sheet2-guidance", "classifier_free_guidance"): "classifier_free_guidance",
+    ("sheet2-guidance", "guided_noise: the null class in the same batch"): "guided_noise",
+    ("sheet2-q-sample", "q_sample (eq. 3)"): "q_sample",
+    ("sheet2-p-losses", "p_losses"): "p_losses",
+    ("sheet1-schedule", "ddpm_schedule"): "ddpm_schedule",
+    ("sheet2-cosine-schedule", "cosine_beta_schedule"): "cosine_beta_schedule",
+    ("sheet2-sigmoid-schedule", "sigmoid_beta_schedule"): "sigmoid_beta_schedule",
+}
+LEAK_SEARCH = r'''
+import importlib, inspect, json, os, signal, sys
+import numpy as np
+import torch
+
+rng = np.random.default_rng(0)
+def t32(*shape):
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+Y, NOISE, COND, UNCOND = t32(3, 1, 4, 4), t32(3, 1, 4, 4), t32(3, 1, 4, 4), t32(3, 1, 4, 4)
+C, STEPS = torch.eye(10)[[2, 5, 7]], torch.tensor([3, 17, 40])
+ARGUMENTS = {"classifier_free_guidance": (COND, UNCOND, 2.0), "guided_noise": (Y, 17, C, 2.0),
+             "q_sample": (Y, STEPS, NOISE), "p_losses": (Y, STEPS, C, NOISE), "ddpm_schedule": (1e-4, 0.02, 50),
+             "cosine_beta_schedule": (50,), "sigmoid_beta_schedule": (1e-4, 0.02, 50)}
+
+
+class Linear(torch.nn.Module):
+    def forward(self, x, t, c):
+        t = t.reshape(-1).float().expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1).float()
+        return 0.5 * x + (t + c.float() @ torch.linspace(-1, 1, c.shape[-1])).view(-1, 1, 1, 1)
+
+
+def load(workspace):
+    names = []
+    for folder, dirs, files in os.walk(workspace):
+        dirs[:] = sorted(d for d in dirs if d not in ("tests", "__pycache__"))
+        for file in sorted(files):
+            if file.endswith(".py"):
+                name = os.path.relpath(os.path.join(folder, file), workspace)[:-3].replace(os.sep, ".")
+                names.append(name[:-len(".__init__")] if name.endswith(".__init__") else name)
+    tops = {name.split(".")[0] for name in names}
+    for name in list(sys.modules):
+        if name.split(".")[0] in tops:
+            del sys.modules[name]
+    sys.path[0] = workspace
+    os.chdir(workspace)
+    modules = {}
+    for name in names:
+        try:
+            modules[name] = importlib.import_module(name)
+        except BaseException:
+            pass
+    return modules
+
+
+def new_model(modules):
+    """A fresh DDPM (lab.generation's SamplingDDPM) around Linear, or None where the schedule is a stub."""
+    try:
+        return modules["lab.generation"].SamplingDDPM(Linear(), 1e-4, 0.02, 50, device="cpu")
+    except BaseException:
+        return None
+
+
+def candidates(modules):
+    for module_name, module in modules.items():
+        for name, value in list(vars(module).items()):
+            if name.startswith("__"):
+                continue
+            if inspect.isfunction(value) and value.__module__ == module_name:
+                yield f"{module_name}.{name}", value
+            elif inspect.isclass(value) and value.__module__ == module_name:
+                for attribute, member in list(vars(value).items()):
+                    member = member.__func__ if isinstance(member, staticmethod) else member
+                    if inspect.isfunction(member) and not attribute.startswith("__"):
+                        yield f"{module_name}.{name}.{attribute}", member
+
+
+def forms(arguments, modules):
+    tensors = [i for i, value in enumerate(arguments) if isinstance(value, torch.Tensor)]
+    for variant in [arguments] + [arguments[:i] + (arguments[i][None],) + arguments[i + 1:] for i in tensors]:
+        yield variant
+        model = new_model(modules)
+        if model is not None:
+            yield (model,) + variant
+
+
+def same(result, expected):
+    if isinstance(result, (tuple, list)):
+        return any(same(item, expected) for item in result)
+    if isinstance(expected, dict):
+        return isinstance(result, dict) and all(key in result and same(result[key], value)
+                                                for key, value in expected.items())
+    if not isinstance(result, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        return False
+    result = result.detach()
+    if result.shape != expected.shape and result.shape[:1] == (1,):
+        result = result[0]
+    return result.shape == expected.shape and bool(torch.allclose(result.double(), expected.double(), rtol=1e-5,
+                                                                  atol=1e-6))
+
+
+def timeout(*_):
+    raise TimeoutError
+
+
+def leaks_in(workspace, region, expected):
+    modules = load(workspace)
+    found = []
+    for label, function in candidates(modules):
+        for arguments in forms(ARGUMENTS[region], modules):
+            try:
+                inspect.signature(function).bind(*arguments)
+            except (TypeError, ValueError):
+                continue
+            signal.alarm(2)
+            try:
+                if same(function(*arguments), expected):
+                    found.append(label)
+                    break
+            except BaseException:
+                pass
+            finally:
+                signal.alarm(0)
+                os.chdir(workspace)
+    return found
+
+
+signal.signal(signal.SIGALRM, timeout)
+reference, cases = sys.argv[1], json.loads(sys.argv[2])
+modules = load(reference)
+expected = {}
+for region, arguments in ARGUMENTS.items():
+    owner = new_model(modules) if region in ("guided_noise", "q_sample", "p_losses") else modules["ddpm"]
+    expected[region] = (modules["ddpm"].DDPM.ddpm_schedule if region == "ddpm_schedule"
+                        else getattr(owner, region))(*arguments)
+print(json.dumps({label: leaks_in(workspace, region, expected[region]) for label, region, workspace in cases}))
+'''
+LEAKY_MIXTURE = '''
+
+def _composed_noise(self, y_t, t, conditions, w):
+    """Mixture guidance as lab/generation.py once shipped it: with one class it is eq. 5."""
+    from ddpm import classifier_free_guidance
+    n = conditions.shape[1]
+    classes = torch.cat((conditions.reshape(n, -1), torch.zeros(n, conditions.shape[-1])))
+    noise = self.noise_of_copies(y_t, t, classes).float().view(-1, *y_t.shape)
+    return classifier_free_guidance(noise[0], noise[1], w)
+
+
+SamplingDDPM.composed_noise = _composed_noise
+'''
+
+
+def with_one_region_stubbed(filled: str, target: str, task: str, what: str) -> None:
+    """A copy of a filled-in handout with the one region (task, what) back to its stub."""
+    shutil.copytree(filled, target)
+    for path, regions in handout.regions_of_repository(REPO).items():
+        for region in regions:
+            if (region.task, region.what) == (task, what):
+                lines = handout.read_text(os.path.join(target, path)).splitlines(keepends=True)
+                lines[region.begin + 1:region.end] = handout.stub_body(region)
+                handout.write_text(os.path.join(target, path), "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def called_leaks(handout_dir, tmp_path_factory):
+    """Label -> the shipped functions whose call gives a region's answer; labels: each (task, what) of
+    CALLED_REGIONS, and 'planted' (guided_noise, with the mixture guidance lab/generation.py used to ship)."""
+    base = tmp_path_factory.mktemp("called")
+    filled = str(base / "filled")
+    handout.fill_handout(handout_dir, REPO, filled)
+    cases = []
+    for (task, what), region in CALLED_REGIONS.items():
+        workspace = str(base / region)
+        with_one_region_stubbed(filled, workspace, task, what)
+        cases.append([f"{task} {what}", region, workspace])
+    planted = str(base / "planted")
+    with_one_region_stubbed(filled, planted, "sheet2-guidance", "guided_noise: the null class in the same batch")
+    with open(os.path.join(planted, "lab", "generation.py"), "a", encoding="utf-8") as handle:
+        handle.write(LEAKY_MIXTURE)
+    cases.append(["planted", "guided_noise", planted])
+    result = subprocess.run([sys.executable, "-c", LEAK_SEARCH, filled, json.dumps(cases)], cwd=str(base),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=600,
+                            env=dict(os.environ, MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_no_shipped_function_gives_a_regions_answer_when_called(called_leaks):
+    leaks = {label: found for label, found in called_leaks.items() if found and label != "planted"}
+    assert not leaks, leaks
+    assert len(called_leaks) == len(CALLED_REGIONS) + 1
+
+
+def test_the_call_search_finds_a_planted_mixture_guidance(called_leaks):
+    """The search above catches what lab/generation.py used to ship: mixture guidance that is eq. 5 for one
+    class, called with c[None]."""
+    assert "lab.generation.SamplingDDPM.composed_noise" in called_leaks["planted"], called_leaks["planted"]
 
 
 def test_handout_replaces_every_region_and_fill_gives_the_reference_back(handout_dir, tmp_path):
@@ -393,7 +596,7 @@ def test_edited_away_markers_are_reported_for_their_task(gradings):
 def test_an_endless_loop_costs_its_task_only(tmp_path):
     project = copy_project(REPO, str(tmp_path / "hang"))
     replace_once(project, "ddpm.py", Q_SAMPLE, "        while True:\n            pass\n")
-    grader = grade.Grader(str(tmp_path / "scratch"), workers=2, timeout=3)
+    grader = grade.Grader(str(tmp_path / "scratch"), workers=2, timeout=3, sandboxed=SANDBOXED)
     try:
         grades = by_task(grader.grade(project, tasks=["sheet2-q-sample", "sheet2-sigmoid-schedule"]))
     finally:
@@ -416,7 +619,7 @@ def test_a_class_in_one_command(handout_dir, tmp_path):
     out = tmp_path / "reports"
     tasks = ["sheet2-sigmoid-schedule", "sheet1-final-block"]
     assert grade.main(["--class", str(submissions), "--out", str(out), "--task", tasks[0], "--task", tasks[1],
-                       "--workers", "2"]) == 1
+                       "--workers", "2"] + ([] if SANDBOXED else ["--no-sandbox"])) == 1
     with open(str(out / "class.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["submission"] for row in rows] == ["alice", "bob"]
@@ -424,3 +627,16 @@ def test_a_class_in_one_command(handout_dir, tmp_path):
     assert rows[1]["total"] == "0" and rows[1]["first_failure"].startswith("sheet")
     for name in ("alice", "bob"):
         assert (out / name / "report.txt").is_file() and (out / name / "report.csv").is_file()
+
+
+def test_the_demo_class_holds_every_mutant_and_variant_and_copies(tmp_path):
+    from staff import demo_class
+    items = len(load(MUTANTS_FILE)) + len(load(VARIANTS_FILE))
+    names = demo_class.make_class(str(tmp_path / "class"), size=items + 3)
+    assert len(names) == items + 3 and sum(name.endswith(".zip") for name in names) == (items + 3 + 2) // 3
+    kinds = [name.split("-")[0] for name in names]
+    assert kinds.count("mutant") == len(load(MUTANTS_FILE)) and kinds.count("variant") == len(load(VARIANTS_FILE))
+    assert kinds.count("handout") == 1 and kinds.count("reference") == 2
+    assert grade.submissions_in(str(tmp_path / "class"))[0][0] == names[0].replace(".zip", "")
+    with pytest.raises(ValueError, match="at least"):
+        demo_class.make_class(str(tmp_path / "small"), size=items)

@@ -68,7 +68,7 @@ def composed_mixture_conditions(mixture: Mixture, n: int, n_classes: int) -> tup
     """Mixture by composed guidance: one conditional copy per class c_i, weighted by its proportion p_i.
 
     Returns conditions [K, n, n_classes] (conditions[i] = n copies of e_{c_i}) and the K proportions
-    (``ddpm.composed_guidance``), K = number of classes in the mixture.
+    (``lab.mixtures.composed_guidance``), K = number of classes in the mixture.
     """
     proportions = normalised(mixture, n_classes)
     one_hots = F.one_hot(torch.tensor(list(proportions)), n_classes).float()       # [K, n_classes]

@@ -278,13 +278,16 @@ def parameter_check(inputs: dict) -> dict:
 
 @probe
 def ddpm_schedule(inputs: dict) -> dict:
+    """ddpm_schedule as the DDPM calls it; with inputs["betas"], the file's make_betas hands over those betas for
+    inputs["schedule"] (so the terms are judged apart from the project's own cosine or sigmoid schedule)."""
     import ddpm
+    arguments = (float(inputs["beta1"]), float(inputs["beta2"]), int(inputs["T"]))
     if "betas" in inputs:
-        betas = tensor(inputs["betas"])
-        ddpm.make_betas = lambda schedule, beta1, beta2, n_timesteps: betas.clone()
-        terms = ddpm.DDPM.ddpm_schedule(1e-4, 0.02, len(betas), "sigmoid")
+        betas, schedule, own = tensor(inputs["betas"]), str(inputs["schedule"]), ddpm.make_betas
+        ddpm.make_betas = lambda name, *rest: betas.clone() if name == schedule else own(name, *rest)
+        terms = ddpm.DDPM.ddpm_schedule(*arguments, schedule)
     else:
-        terms = ddpm.DDPM.ddpm_schedule(float(inputs["beta1"]), float(inputs["beta2"]), int(inputs["T"]))
+        terms = ddpm.DDPM.ddpm_schedule(*arguments)
     return {f"term.{name}": array(value) for name, value in dict(terms).items()}
 
 

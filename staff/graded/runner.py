@@ -10,6 +10,11 @@ The runner kills the job's whole process group when it ends or when the job's ti
 JSON line per job: {"id", "status": "finished" | "timeout" | "died", "detail", "seconds"}. It decides nothing
 about a grade: staff/grade.py reads the arrays and judges them (staff/graded/verdicts.py) in its own process.
 
+With --sandboxed the runner runs inside the grader's sandbox (bubblewrap, see staff/grade.py), in a process
+namespace of its own, and leaves nothing of a job to the next: after each job it kills every other process of
+the sandbox (also those a job started in a session of its own) and empties the sandbox's private /tmp (the jobs'
+HOME) and /dev/shm.
+
 Only for POSIX systems (fork, sessions, resource limits). Runs on Python 3.8.
 """
 from __future__ import annotations
@@ -121,7 +126,51 @@ def run_job(job: dict, memory_bytes: int) -> None:
     os._exit(status)
 
 
-def serve(memory_bytes: int) -> None:
+SANDBOX_SCRATCH = ("/tmp", "/dev/shm")     # the sandbox's writable places besides the job's own folder
+
+
+def fresh_scratch() -> None:
+    """Empty the sandbox's /tmp and /dev/shm and make the jobs' HOME (/tmp/home) anew."""
+    import shutil
+    for folder in SANDBOX_SCRATCH:
+        for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+    os.makedirs(os.environ.get("HOME", "/tmp/home"), exist_ok=True)
+
+
+def end_every_other_process() -> None:
+    """Inside the sandbox's process namespace: kill every process but this runner and the namespace's init
+    (pid 1), then reap this runner's children. What a job started in a session of its own ends here too."""
+    for _ in range(3):
+        others = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and int(entry) not in (1, os.getpid())]
+        if not others:
+            break
+        for pid in others:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+
+
+def serve(memory_bytes: int, sandboxed: bool = False) -> None:
+    if sandboxed and os.getpid() > 2:
+        raise SystemExit("runner.py: --sandboxed needs a process namespace of its own (the grader's sandbox)")
+    if sandboxed:
+        fresh_scratch()
     warm_up()
     reply = sys.stdout
     for line in sys.stdin:
@@ -137,6 +186,9 @@ def serve(memory_bytes: int) -> None:
             os.killpg(pid, signal.SIGKILL)     # whatever the job left running
         except (ProcessLookupError, PermissionError):
             pass
+        if sandboxed:
+            end_every_other_process()
+            fresh_scratch()
         reply.write(json.dumps({"id": job["id"], "status": status, "detail": detail,
                                 "seconds": round(time.monotonic() - start, 3)}) + "\n")
         reply.flush()
@@ -167,8 +219,10 @@ def wait_for(pid: int, timeout: float) -> tuple:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--memory-bytes", type=int, required=True)
+    parser.add_argument("--sandboxed", action="store_true",
+                        help="inside the grader's sandbox: after each job end every other process and empty /tmp")
     args = parser.parse_args(argv)
-    serve(args.memory_bytes)
+    serve(args.memory_bytes, args.sandboxed)
     return 0
 
 

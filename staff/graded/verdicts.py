@@ -455,10 +455,12 @@ def schedule_linear(rng):
     return schedule_inputs(1e-4, 0.02, 400)
 
 
-@verifies(schedule_linear)
-def _(inputs, outputs):
+def verify_terms(inputs, outputs, what: str, rtol: float, atol: float) -> None:
+    """The schedule's terms at t = 1..T against eqs. 3-5 of the betas the DDPM gave it (inputs["betas"]) or of
+    the linear schedule."""
     T = int(inputs["T"])
-    expected = expected_terms(linear_terms(float(inputs["beta1"]), float(inputs["beta2"]), T))
+    betas = inputs["betas"] if "betas" in inputs else None
+    expected = expected_terms(linear_terms(float(inputs["beta1"]), float(inputs["beta2"]), T, betas))
     missing = [name for name in SHEET_TERMS if f"term.{name}" not in outputs]
     if missing:
         raise Failed(f"the schedule's dictionary lacks {', '.join(missing)} (the keys the file defines)")
@@ -466,7 +468,12 @@ def _(inputs, outputs):
         got = np.asarray(outputs[f"term.{name}"]).reshape(-1)
         if len(got) != T + 1:
             raise Failed(f"{name} has {len(got)} entries; the file defines T + 1 = {T + 1}, indexed by t = 0..T")
-        close(got[1:], expected[name][1:], f"{name} at t = 1..T", rtol=1e-5, atol=1e-7)
+        close(got[1:], expected[name][1:], f"{name} at t = 1..T {what}", rtol=rtol, atol=atol)
+
+
+@verifies(schedule_linear)
+def _(inputs, outputs):
+    verify_terms(inputs, outputs, "(the linear schedule)", rtol=1e-5, atol=1e-7)
 
 
 @check("sheet1-schedule", "ddpm_schedule")
@@ -489,6 +496,39 @@ def cosine_expected(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.nda
     f = np.cos(((t / T + s) / (1 + s)) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
     return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+
+
+def sigmoid_expected(start: float, end: float, T: int, s_limit: float = 6.0) -> np.ndarray:
+    """Sheet 2, eq. 10: beta_t = beta_start + sigmoid(-s_limit + 2 t s_limit / T) (beta_end - beta_start)."""
+    t = np.arange(1, T + 1)
+    return start + (end - start) / (1 + np.exp(-(-s_limit + 2 * t * s_limit / T)))
+
+
+# The schedule is used with every schedule the training offers (--schedule, sheet 2, 2.3): the DDPM hands
+# ddpm_schedule the betas of the chosen schedule, and its terms must follow from those betas, not from a linear
+# schedule of its own. The probe hands over the grader's betas, so a mistake in another task's schedule costs
+# nothing here.
+@check("sheet1-schedule", "ddpm_schedule")
+def schedule_of_cosine_betas(rng):
+    return dict(schedule_inputs(1e-4, 0.02, 400), schedule=np.array("cosine"), betas=cosine_expected(400))
+
+
+@check("sheet1-schedule", "ddpm_schedule")
+def schedule_of_sigmoid_betas(rng):
+    return dict(schedule_inputs(1e-4, 0.02, 120), schedule=np.array("sigmoid"),
+                betas=sigmoid_expected(1e-4, 0.02, 120))
+
+
+@verifies(schedule_of_cosine_betas)
+def _(inputs, outputs):
+    verify_terms(inputs, outputs, "of the cosine schedule's betas that the DDPM passes (--schedule cosine)",
+                 rtol=1e-4, atol=1e-6)
+
+
+@verifies(schedule_of_sigmoid_betas)
+def _(inputs, outputs):
+    verify_terms(inputs, outputs, "of the sigmoid schedule's betas that the DDPM passes (--schedule sigmoid)",
+                 rtol=1e-4, atol=1e-6)
 
 
 def verify_cosine(inputs, outputs):
@@ -520,8 +560,7 @@ cosine_400.verify = cosine_10.verify = cosine_offset_and_clip.verify = verify_co
 def verify_sigmoid(inputs, outputs):
     T, start, end = int(inputs["T"]), float(inputs["beta_start"]), float(inputs["beta_end"])
     s_limit = float(inputs["s_limit"]) if "s_limit" in inputs else 6.0
-    t = np.arange(1, T + 1)
-    expected = start + (end - start) / (1 + np.exp(-(-s_limit + 2 * t * s_limit / T)))
+    expected = sigmoid_expected(start, end, T, s_limit)
     close(need(outputs, "betas")[0], expected, "the sigmoid schedule's beta_1..beta_T (sheet 2, eq. 10)",
           rtol=1e-5, atol=1e-9)
 
@@ -932,8 +971,12 @@ def test_loop_inputs(rng, loss_type):
 
 
 def verify_test_loop(inputs, outputs):
+    """What training.test_loss's docstring states: the noise loss (config.loss or l2) of every test image with its
+    one-hot class at each of a fixed set of at least two timesteps in 1..T, noise fixed by a seed (the same value
+    on every call). Which timesteps is the student's choice: the sheet asks for "specific time-steps"."""
     net_y, net_t, net_c, first, second = need(outputs, "net_y", "net_t", "net_c", "first", "second")
-    if float(first) != float(second) or not np.array_equal(net_y, outputs.get("again_net_y")):
+    if float(first) != float(second) or not np.array_equal(net_y, outputs.get("again_net_y")) \
+            or not np.array_equal(net_t, outputs.get("again_net_t")):
         raise Failed("the test loss differs between two calls: fix the test noise and timesteps (a defined test "
                      "set at specific time-steps)")
     T = int(inputs["T"])
@@ -945,7 +988,8 @@ def verify_test_loop(inputs, outputs):
         raise Failed("the test images are evaluated with their one-hot class labels")
     timesteps = sorted(set(t.tolist()))
     if len(timesteps) < 2 or timesteps[0] < 1 or timesteps[-1] > T:
-        raise Failed(f"the test loss uses the timesteps {timesteps}; the sheet: specific time-steps in 1..T")
+        raise Failed(f"the test loss uses the timesteps {timesteps}; the docstring: a fixed set of at least two "
+                     f"timesteps in 1..T (the sheet's specific time-steps)")
     for step in timesteps:
         if sorted(label[t == step].tolist()) != list(range(10)):
             raise Failed(f"at t = {step} the test loop did not evaluate each test image once")

@@ -13,7 +13,10 @@ native bf16 through AVX-512-BF16 or AMX), the GPU model and the torch version.
 - bf16 autocast: on CPUs with native bf16 (AVX-512-BF16 or AMX) only. Emulated bf16 on an AVX2 CPU is slower
   than fp32, and on the H200 these launch-bound networks ran slower with it. Weights, optimizer state, EMA and
   the loss stay fp32; only the network's matrix products and convolutions run in bf16.
-- fused Adam: one kernel over all parameters instead of several per tensor (CUDA).
+- fused Adam: one kernel over all parameters instead of several per tensor (CUDA; the CPU runs it too, which the
+  tests use). Its kernel reads the weights, gradients and moments as one flat buffer each, so they must share one
+  memory layout: ``load_optimizer_state`` lays a loaded state out like the weights.
+- cudnn.benchmark: cuDNN times its algorithms for each new input shape and keeps the fastest (CUDA).
 - BatchNorm folding: in eval mode BatchNorm is a fixed affine map, which
   ``torch.nn.utils.fusion.fuse_conv_bn_eval`` merges into the preceding convolution (sampling only).
 - share_encoder: with guidance, the U-Net's class-blind first half runs once for the conditional and the
@@ -21,7 +24,8 @@ native bf16 through AVX-512-BF16 or AMX), the GPU model and the torch version.
 - sample_chunk: images per sampling call. A CPU runs the U-Net fastest when the activations of one call fit its
   caches, a GPU when one call holds as many images as possible.
 - compile (opt-in, --compile): torch.compile of the training and the sampling network; on CUDA in
-  ``mode="reduce-overhead"``, which captures each call in a CUDA graph and replays it with one launch.
+  ``mode="reduce-overhead"``, which captures each call in a CUDA graph and replays it with one launch; under
+  torchrun in the default mode (DDP's gradient hooks between CUDA-graph replays are not a supported combination).
 """
 from __future__ import annotations
 
@@ -92,6 +96,7 @@ class FastPath:
     sample_channels_last: bool = False
     bf16_autocast: bool = False
     fused_adam: bool = False
+    cudnn_benchmark: bool = False
     fold_batchnorm: bool = False
     share_encoder: bool = False
     sample_chunk: int = PLAIN_SAMPLE_CHUNK
@@ -105,8 +110,8 @@ class FastPath:
         machine = machine or Machine.of(device)
         compile_mode = compile_mode_for(machine.device_type, compile)
         if machine.device_type == "cuda":
-            return cls(train_channels_last=True, sample_channels_last=True, fused_adam=True, fold_batchnorm=True,
-                       share_encoder=True, sample_chunk=CUDA_SAMPLE_CHUNK, compile=compile_mode)
+            return cls(train_channels_last=True, sample_channels_last=True, fused_adam=True, cudnn_benchmark=True,
+                       fold_batchnorm=True, share_encoder=True, sample_chunk=CUDA_SAMPLE_CHUNK, compile=compile_mode)
         return cls(train_channels_last=in_channels == 3, sample_channels_last=True, fold_batchnorm=True,
                    share_encoder=True, bf16_autocast=machine.cpu_bf16, sample_chunk=CPU_SAMPLE_CHUNK,
                    compile=compile_mode)
@@ -119,13 +124,17 @@ class FastPath:
         return ", ".join(chosen)
 
 
-def path_for_run(device: torch.device, in_channels: int, fast: bool, compile: bool, precision: str) -> FastPath:
-    """The path of a training run: the machine's fast path (the plain one with --no-fast), with --compile, and
-    with bf16 autocast on or off as --precision says ('auto': as the path has it)."""
+def path_for_run(device: torch.device, in_channels: int, fast: bool, compile: bool, precision: str,
+                 distributed: bool = False) -> FastPath:
+    """The path of a training run: the machine's fast path (the plain one with --no-fast), with --compile (without
+    CUDA graphs under torchrun: ``distributed``), and with bf16 autocast on or off as --precision says ('auto': as
+    the path has it)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     path = (FastPath.for_machine(device, in_channels, compile) if fast
             else FastPath(compile=compile_mode_for(device.type, compile)))
+    if distributed and path.compile:
+        path = replace(path, compile="default")
     return path if precision == "auto" else replace(path, bf16_autocast=precision == "bf16")
 
 
@@ -136,11 +145,46 @@ def compile_mode_for(device_type: str, compile: bool) -> str:
     return "reduce-overhead" if device_type == "cuda" else "default"
 
 
-def make_optimizer(parameters, lr: float, device: torch.device, path: FastPath) -> torch.optim.Adam:
-    """Adam with a constant learning rate: fused when the fast path asks (CUDA), else per tensor."""
-    if path.fused_adam and device.type == "cuda":
+def use_backend_settings(path: FastPath) -> None:
+    """Set the global switches the path chooses (cudnn.benchmark; read only on CUDA): a training run does it once,
+    tools/bench.py before every timed round of each path."""
+    torch.backends.cudnn.benchmark = path.cudnn_benchmark
+
+
+def make_optimizer(parameters, lr: float, path: FastPath) -> torch.optim.Adam:
+    """Adam with a constant learning rate: fused when the fast path asks (on any device), else per tensor."""
+    if path.fused_adam:
         return torch.optim.Adam(parameters, lr=lr, fused=True)
     return torch.optim.Adam(parameters, lr=lr, foreach=False)
+
+
+ADAM_VARIANT = ("foreach", "fused", "capturable", "differentiable")    # how Adam computes, not what
+
+
+@torch.no_grad()
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a saved Adam state into this run's Adam: the file's numbers, this run's Adam variant and layout.
+
+    ``load_state_dict`` alone takes the saving run's variant (fused or per tensor: keys of its param groups) and
+    keeps every tensor's saved memory layout and device. A run saved on a GPU (fused Adam, channels_last weights)
+    and resumed on a CPU would then run the fused kernel on moments laid out unlike the weights, which mixes up
+    their elements (CUDA's fused kernel refuses them); resumed the other way, its GPU would run the per-tensor
+    Adam. So this run's variant is kept, each step counter goes where its Adam reads it (the device for the fused
+    Adam, the host for the per-tensor one, which reads it once per weight and step) and each moment is copied into
+    its weight's layout: the same values, the same strides.
+    """
+    variants = [{key: group[key] for key in ADAM_VARIANT if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, variant in zip(optimizer.param_groups, variants):
+        group.update(variant)
+        steps_on_device = group.get("fused") or group.get("capturable")
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for name, value in list(state.items()):
+                if name == "step" and torch.is_tensor(value):
+                    state[name] = value.to(parameter.device if steps_on_device else "cpu")
+                elif torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def to_channels_last(images: torch.Tensor, channels_last: bool) -> torch.Tensor:

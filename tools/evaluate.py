@@ -96,6 +96,7 @@ def run_train_classifier(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     classifier = Classifier(train_set.images.shape[1], len(train_set.classes), **ARCHITECTURES[args.dataset])
     train_classifier(classifier, train_set, epochs, args.batch_size, device=device, **AUGMENTATION[args.dataset])
+    save_classifier(classifier, path, args.dataset, test_set.images.shape[-1], float("nan"))   # kept, come what may
     _, predicted = classify(classifier, to_model_scale(test_set.images))
     accuracy = class_accuracy(predicted, test_set.labels)
     save_classifier(classifier, path, args.dataset, test_set.images.shape[-1], accuracy)

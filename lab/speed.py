@@ -258,7 +258,7 @@ class FastInference(nn.Module):
         """The noise of ``x.repeat(copies, 1, 1, 1)`` under c [copies * N, n_classes], with the U-Net's class-blind
         encoder run once on x [N, C, H, W] (``SharedEncoder``); [copies * N, C, H, W] fp32."""
         if self.call_copies is None or copies == 1:
-            return self(x.repeat(copies, 1, 1, 1), t, c)
+            return self(repeat_batch(x, copies), t, c)
         with autocast(x.device, self.path):
             noise = self.call_copies(to_channels_last(x, self.path.sample_channels_last), t, c, copies)
         return self.detached(noise)
@@ -268,74 +268,72 @@ class FastInference(nn.Module):
         return noise.float().clone() if self.path.compile == "reduce-overhead" else noise.float()
 
 
-class _FirstHalfDone(Exception):
-    """Stops the network's forward once its class-blind first half has run (SharedEncoder)."""
+def repeat_batch(tensor: torch.Tensor, copies: int) -> torch.Tensor:
+    """``tensor.repeat(copies, 1, 1, 1)`` in the tensor's own memory layout (``repeat`` returns the default one,
+    which would make a channels_last network convert every layer's input)."""
+    return torch.cat([tensor] * copies)
 
 
 class _Replay(nn.Module):
-    """A layer that returns a given output whatever its input (SharedEncoder's second half)."""
+    """A layer that returns, whatever its input, the output stored for it (SharedEncoder's second half)."""
 
-    def __init__(self, output: torch.Tensor):
+    def __init__(self, outputs: dict, name: str):
         super().__init__()
-        self.output = output
+        self.outputs, self.name = outputs, name
 
     def forward(self, *_inputs) -> torch.Tensor:
-        return self.output
+        return self.outputs[self.name]
 
 
 class SharedEncoder(nn.Module):
     """The U-Net of networks/Conditional_UNet.py on ``copies`` copies of each image, one per class vector.
 
-    Its first half (init_conv, encoder1, encoder2, to_hidden, decoder0) sees neither t nor c, so with guidance,
-    where the conditional and unconditional copies share y_t, it runs once on the N images and only the rest runs
-    on all copies * N: 1.2x-1.3x less work per guided step. ``forward(x [N, C, H, W], t [copies * N, 1, 1, 1],
-    c [copies * N, n_classes], copies)`` returns the noise [copies * N, C, H, W], the same numbers as
-    ``unet(x.repeat(copies, 1, 1, 1), t, c)``; ``matches`` checks that on the network before it is used.
+    Its first half (init_conv, encoder1, encoder2, to_hidden, decoder0, each feeding the next) sees neither t nor
+    c, so with guidance, where the conditional and unconditional copies share y_t, it runs once on the N images
+    and only the rest runs on all copies * N: 1.2x-1.3x less work per guided step. ``forward(x [N, C, H, W],
+    t [copies * N, 1, 1, 1], c [copies * N, n_classes], copies)`` returns the noise [copies * N, C, H, W], the
+    same numbers as ``unet(x.repeat(copies, 1, 1, 1), t, c)``; ``matches`` checks that on the network before it
+    is used.
 
-    It holds no wiring of its own: both halves run the network's own ``forward``. The first run, on the N images,
-    keeps what the class-blind layers return and stops after decoder0; the second runs on a shallow copy of the
-    network whose class-blind layers replay those outputs, repeated for the copies.
+    The second half is the network's own ``forward``, run on a shallow copy of the network (made once) whose
+    class-blind layers replay the first half's outputs, repeated for the copies. No hooks, no exceptions and no
+    modules made per call: torch.compile captures the whole of it as one graph.
     """
 
     LAYERS = ("init_conv", "encoder1", "encoder2", "to_hidden", "decoder0", "decoder1", "decoder2", "final",
               "time_embedding1", "time_embedding2", "class_embedding1", "class_embedding2")
     SHARED = ("init_conv", "encoder1", "encoder2", "to_hidden", "decoder0")
+    TOLERANCE = 1e-2      # relative error allowed by ``matches`` (see there)
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, copies: int) -> torch.Tensor:
-        unet, n = self.unet, x.shape[0]
-        shared = {}
-
-        def keep(name: str):
-            def hook(_module, _inputs, output):
-                shared.setdefault(name, output)
-                if name == self.SHARED[-1]:
-                    raise _FirstHalfDone
-            return hook
-
-        handles = [getattr(unet, name).register_forward_hook(keep(name)) for name in self.SHARED]
-        try:
-            unet(x, t[:n], c[:n])
-        except _FirstHalfDone:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        if set(shared) != set(self.SHARED):
-            raise RuntimeError(f"the network's forward did not run {sorted(set(self.SHARED) - set(shared))}")
+        self.shared_outputs: dict = {}
         second_half = copy.copy(unet)
         object.__setattr__(second_half, "_modules", dict(unet._modules))
         for name in self.SHARED:
-            second_half._modules[name] = _Replay(shared[name].repeat(copies, 1, 1, 1))
-        return second_half(x.repeat(copies, 1, 1, 1), t, c)
+            second_half._modules[name] = _Replay(self.shared_outputs, name)
+        object.__setattr__(self, "second_half", second_half)       # not a submodule: its weights are unet's
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, copies: int) -> torch.Tensor:
+        hidden = x
+        for name in self.SHARED:
+            hidden = getattr(self.unet, name)(hidden)
+            self.shared_outputs[name] = repeat_batch(hidden, copies)
+        noise = self.second_half(repeat_batch(x, copies), t, c)
+        self.shared_outputs.clear()
+        return noise
 
     @classmethod
     @torch.no_grad()
     def matches(cls, network: nn.Module) -> bool:
-        """Whether ``network`` (in eval mode) has the U-Net's layers and computes the same noise through them."""
+        """Whether ``network`` (in eval mode) has the U-Net's layers and computes the same noise through them.
+
+        "The same" within TOLERANCE, relative to the noise's norm: the two halves run on batches of another size
+        than the whole network, and on CUDA cuDNN may pick another algorithm per batch size, in TF32 by default
+        (10 bits of mantissa: a relative error of about 6e-4 on these networks); a first half that sees t or c
+        changes the noise by tens of percent.
+        """
         if not all(hasattr(network, name) for name in cls.LAYERS + ("n_features", "in_channels", "height",
                                                                     "n_classes")):
             return False
@@ -348,7 +346,10 @@ class SharedEncoder(nn.Module):
             shared = cls(network)(x, t, c, 2)
         except (RuntimeError, ValueError, TypeError, AttributeError, KeyError):
             return False
-        return torch.allclose(shared, network(x.repeat(2, 1, 1, 1), t, c), atol=1e-5, rtol=1e-4)
+        expected = network(x.repeat(2, 1, 1, 1), t, c)
+        if shared.shape != expected.shape:
+            return False
+        return bool((shared - expected).float().norm() <= cls.TOLERANCE * expected.float().norm())
 
 
 def fold_batchnorm(network: nn.Module) -> nn.Module:

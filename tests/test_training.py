@@ -16,7 +16,7 @@ from PIL import Image
 import training
 from lab.cli import one_line_errors
 from lab.checkpoints import load_checkpoint
-from lab.run_files import grid_random_state, restore, run_random_state, save_run
+from lab.run_files import grid_random_state, restore, run_random_state, save_run, set_run_random_state
 from lab.speed import FastPath
 from ddpm import DDPM
 from train_mnist import MNIST
@@ -218,6 +218,15 @@ def test_a_grid_leaves_every_generator_the_seed_touches_as_it_was(monkeypatch):
         mps.draw(), torch.rand(4)
     assert torch.equal(torch.get_rng_state(), expected_cpu)
     assert torch.equal(mps.generator.get_state(), expected_mps)
+
+
+def test_a_checkpoint_of_a_run_on_mps_keeps_the_mps_generator(monkeypatch):
+    """The training's noise on MPS comes from the MPS generator: a resumed run continues its stream."""
+    mps = StubMPSGenerator(monkeypatch)
+    saved = run_random_state(torch.device("mps"))
+    expected = mps.draw()
+    set_run_random_state(saved, torch.device("mps"))
+    assert set(saved) == {"cpu", "mps"} and torch.equal(mps.draw(), expected)
 
 
 def test_signal_mid_epoch_saves_and_resumes_exactly(image_folder, tmp_path, monkeypatch):

@@ -164,7 +164,11 @@ def restore(path: str, network: torch.nn.Module, optimizer, ema, device: torch.d
     if ema is not None:
         ema.load_state_dict({"weights": checkpoint.get("ema") or checkpoint["model"],
                              "updates": checkpoint.get("ema_updates") or 0})
-    set_run_random_state(checkpoint.get("rng") or {}, device)
+    try:
+        set_run_random_state(checkpoint.get("rng") or {}, device)
+    except (RuntimeError, TypeError, IndexError) as error:
+        raise CheckpointError(f"{path}: its random generator state does not fit {device} "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
     return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0), losses=list(checkpoint["losses"]),
                     partial_loss_sum=checkpoint.get("partial_loss_sum", 0.0))
 

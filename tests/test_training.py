@@ -369,6 +369,19 @@ def test_bad_checkpoints_are_refused_with_a_reason(image_folder, tmp_path, capsy
     assert good.read_bytes() == before  # nothing overwritten
 
 
+def test_a_checkpoint_with_a_broken_random_state_is_refused_in_one_line(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_script(tiny_argv(image_folder, out))
+    checkpoint = torch.load(out / "model_ep1.pth", weights_only=True)
+    checkpoint["rng"]["cpu"] = torch.zeros(3, dtype=torch.uint8)
+    broken = tmp_path / "broken" / "model_ep1.pth"
+    broken.parent.mkdir()
+    torch.save(checkpoint, broken)
+    capsys.readouterr()
+    error = run_cli(tiny_argv(image_folder, out, "--resume", str(broken), "--epochs", "2"), capsys)
+    assert "random generator state" in error and len(error.splitlines()) == 1
+
+
 def test_non_finite_loss_stops_with_epoch_and_step(image_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     run_script(tiny_argv(image_folder, out))

@@ -1,7 +1,7 @@
 """Shared test helpers: make the project importable, keep torch on few threads, tiny stub networks.
 
 Also the grading options (tests/grading/plugin.py): the ``task`` marker, ``--task TASK_ID`` and ``--grade-json``;
-and the ``gpu`` marker of the GPU tier (tests/test_gpu.py).
+and the ``gpu`` marker of the GPU tier.
 """
 from __future__ import annotations
 
@@ -71,16 +71,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     """Registers the ``task`` marker of graded tests, and the grading plugin when asked for; registers the ``gpu``
-    marker of the GPU tier (tests/test_gpu.py: ``pytest -m gpu``), skipped where there is no CUDA device."""
+    marker of the GPU tier (``pytest -m gpu``), whose tests are skipped, with the reason, without a CUDA device."""
     grading.configure(config)
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; the GPU tier, run with pytest -m gpu (written "
-                                       "for 5 minutes on one GPU), skipped with the reason where there is none")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; the GPU tier, run with pytest -m gpu, skipped "
+                                       "with the reason where there is none")
     if "gpu" in (config.option.markexpr or "") and "s" not in config.option.reportchars:
         config.option.reportchars += "s"          # pytest -m gpu says why its tests were skipped
 
-
-def pytest_report_header(config):
-    """Says whether the GPU tier can run here."""
-    if torch.cuda.is_available():
-        return f"CUDA device: {torch.cuda.get_device_name()} (the gpu tests run)"
-    return "CUDA device: none (the gpu tests, pytest -m gpu, are skipped)"

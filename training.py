@@ -33,7 +33,7 @@ from lab.run_files import (RunState, grid_random_state, grid_states, grids_due, 
                            real_examples, remove_interrupted_checkpoints, restore, sample_grid_few_step,
                            save_interrupted, save_run, write_grid_files, write_loss_files)
 from lab.speed import (FastInference, FastPath, FastTraining, compiled, make_optimizer, mark_step_begin,
-                       network_to_channels_last, path_for_run)
+                       network_to_channels_last, path_for_run, use_backend_settings)
 from lab.train_config import GEOMETRY, TrainConfig, validate
 
 MACHINE_SETTINGS = ("device", "out", "resume", "overwrite")   # never taken from a resumed run's saved config
@@ -85,18 +85,16 @@ def resolve_config(defaults: TrainConfig, given: dict) -> TrainConfig:
 
 @dataclass
 class Ranks:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun). Every torchrun job is distributed,
+    one of a single process too: it trains through its process group and DDP, as a larger job does."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    distributed: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 @dataclass
@@ -122,10 +120,10 @@ class Run:
 def start_ranks(config: TrainConfig) -> tuple[Ranks, torch.device]:
     """Join the torchrun job when there is one (nccl on CUDA, gloo on the CPU) and pick this rank's device."""
     device = resolve_device(config.device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if "WORLD_SIZE" not in os.environ:                 # torchrun sets it, and RANK and LOCAL_RANK
         return Ranks(), device
-    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                  distributed=True)
     if device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
@@ -143,9 +141,10 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: Fas
     model = DDPM.from_config(dataclasses.asdict(config), network_from_config(dataclasses.asdict(config)),
                              device).train()
     if path is None:
-        path = path_for_run(device, config.in_channels, config.fast, config.compile, config.precision)
+        path = path_for_run(device, config.in_channels, config.fast, config.compile, config.precision,
+                            ranks.distributed)
     network_to_channels_last(model.nn_model, path.train_channels_last)
-    optimizer = make_optimizer(model.nn_model.parameters(), config.lr, device, path)
+    optimizer = make_optimizer(model.nn_model.parameters(), config.lr, path)
     ema = EMA(model.nn_model, config.ema_decay) if config.ema_decay > 0 else None
     state = restore(config.resume, model.nn_model, optimizer, ema, device) if config.resume else RunState()
     if ranks.distributed:
@@ -158,8 +157,7 @@ def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: Fas
         # rank 0's running statistics before every forward pass, so they never drift apart; rank 0's are saved.
         trainer = torch.nn.parallel.DistributedDataParallel(
             trainer, device_ids=[device.index] if device.type == "cuda" else None)
-    if device.type == "cuda" and config.fast:
-        torch.backends.cudnn.benchmark = True
+    use_backend_settings(path)
     return Run(config, model, trainer, optimizer, ema, path, ranks, state)
 
 
@@ -336,7 +334,7 @@ def finish_epoch(run: Run, epoch: int, mean_loss: float, images_per_s: float, te
     write_loss_files(config, state.losses)
     grid, gif = grids_due(config, epoch)
     for w in config.guidance if grid or gif else ():
-        with grid_random_state(config, model.device):
+        with grid_random_state(config):
             if config.sampler == "ddpm":      # the sheet's call: ddpm.sample(4, (C, H, W), 10, w)
                 ddpm = model.ddpm.with_options(clip_denoised=config.clip_denoised)
                 generated, frames = ddpm.sample(config.n_sample, model.image_shape, config.n_classes, w,

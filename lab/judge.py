@@ -174,11 +174,11 @@ def train_classifier(classifier: Classifier, train_set: ImageSet, epochs: int, b
 def classify(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features and predicted classes in one pass: images [N, C, H, W] in [-1, 1] ->
     (features float64 [N, D] on the CPU, predicted long [N] on the CPU). ``classifier`` needs ``features`` and
-    ``head``; it runs on its own device."""
+    ``head``; it runs on its own device, in float32 (float64 only on the CPU: MPS has none)."""
     device = next(classifier.parameters()).device
     features, predicted = [], []
     for start in range(0, len(images), batch_size):
         batch_features = classifier.features(images[start:start + batch_size].to(device))
-        features.append(batch_features.double().cpu())
+        features.append(batch_features.cpu().double())
         predicted.append(classifier.head(batch_features).argmax(dim=1).cpu())
     return torch.cat(features), torch.cat(predicted)

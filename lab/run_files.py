@@ -31,6 +31,7 @@ from ddpm import class_grid_labels
 from lab.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from lab.generation import SamplingModel, animation_states, generate
 from lab.image_data import ImageSet, to_model_scale
+from lab.speed import load_optimizer_state
 from lab.train_config import TrainConfig
 
 CHECKPOINT_NAME = re.compile(r"^model_ep(\d+)(?:_step(\d+))?\.pth$")
@@ -125,8 +126,7 @@ def save_run(run, name: str) -> str:
         "partial_loss_sum": run.state.partial_loss_sum,
         "config": dataclasses.asdict(run.config),
         "losses": run.state.losses,
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": run_random_state(run.device),
     }, path)
     return path
 
@@ -150,23 +150,78 @@ def remove_interrupted_checkpoints(folder: str, keep: str | None = None) -> None
 
 
 def restore(path: str, network: torch.nn.Module, optimizer, ema, device: torch.device) -> RunState:
-    """Load weights, optimizer, EMA and random state from a checkpoint; returns the progress it records."""
-    checkpoint = load_checkpoint(path, map_location=device)
+    """Load weights, optimizer, EMA and random state from a checkpoint; returns the progress it records.
+
+    The file is read onto the CPU and each tensor copied to where this run keeps it: the weights' device, the
+    weights' memory layout, this run's Adam (``speed.load_optimizer_state``), whatever the saving run had.
+    """
+    checkpoint = load_checkpoint(path)
     try:
         network.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path} does not fit this model: {str(error).splitlines()[0][:300]}") from None
     if ema is not None:
         ema.load_state_dict({"weights": checkpoint.get("ema") or checkpoint["model"],
                              "updates": checkpoint.get("ema_updates") or 0})
-    rng = checkpoint.get("rng") or {}
-    if "cpu" in rng:
-        torch.set_rng_state(rng["cpu"].cpu())
-    if rng.get("cuda") and device.type == "cuda":
-        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+    try:
+        set_run_random_state(checkpoint.get("rng") or {}, device)
+    except (RuntimeError, TypeError, IndexError) as error:
+        raise CheckpointError(f"{path}: its random generator state does not fit {device} "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
     return RunState(epoch=checkpoint["epoch"], step=checkpoint.get("step", 0), losses=list(checkpoint["losses"]),
                     partial_loss_sum=checkpoint.get("partial_loss_sum", 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random generators: a checkpoint's, and those around a grid
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_random_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The states of the generators a run on ``device`` draws from: the CPU's, and on CUDA or MPS the run's own
+    device's (only that one: a resumed run may see fewer GPUs). {'cpu': state, 'cuda' or 'mps': state}."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_run_random_state(state: dict, device: torch.device) -> None:
+    """Restore what ``run_random_state`` saved, for a run on ``device``: the CPU's generator, and the device's when
+    the state holds one of that device type. Older checkpoints hold a list of CUDA states, one per visible GPU;
+    the run's device was the first of them."""
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"].cpu())
+    saved = state.get(device.type)
+    if isinstance(saved, (list, tuple)):
+        saved = saved[0] if saved else None
+    if saved is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved.cpu(), device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(saved.cpu())
+
+
+def seeded_generator_states() -> dict:
+    """The states of every generator that ``torch.manual_seed`` seeds and that holds a state in this process: the
+    CPU's, each CUDA device's (once CUDA is in use) and the MPS device's."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def set_seeded_generator_states(states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "mps" in states:
+        torch.mps.set_rng_state(states["mps"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,12 +255,15 @@ def grids_due(config: TrainConfig, epoch: int) -> tuple[bool, bool]:
 
 
 @contextlib.contextmanager
-def grid_random_state(config: TrainConfig, device: torch.device):
+def grid_random_state(config: TrainConfig):
     """Sample a grid from noise fixed by the seed (the same every epoch) without touching the training's random
-    stream: the generators' states are restored afterwards."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    stream: every generator the seed touches (``seeded_generator_states``) is restored afterwards."""
+    states = seeded_generator_states()
+    try:
         torch.manual_seed(config.seed)
         yield
+    finally:
+        set_seeded_generator_states(states)
 
 
 def grid_states(model: SamplingModel, config: TrainConfig) -> list[int]:

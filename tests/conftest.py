@@ -1,6 +1,7 @@
 """Shared test helpers: make the project importable, keep torch on few threads, tiny stub networks.
 
-Also the grading options (tests/grading/plugin.py): the ``task`` marker, ``--task TASK_ID`` and ``--grade-json``.
+Also the grading options (tests/grading/plugin.py): the ``task`` marker, ``--task TASK_ID`` and ``--grade-json``;
+and the ``gpu`` marker of the GPU tier.
 """
 from __future__ import annotations
 
@@ -69,5 +70,11 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    """Registers the ``task`` marker of graded tests, and the grading plugin when asked for."""
+    """Registers the ``task`` marker of graded tests, and the grading plugin when asked for; registers the ``gpu``
+    marker of the GPU tier (``pytest -m gpu``), whose tests are skipped, with the reason, without a CUDA device."""
     grading.configure(config)
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; the GPU tier, run with pytest -m gpu, skipped "
+                                       "with the reason where there is none")
+    if "gpu" in (config.option.markexpr or "") and "s" not in config.option.reportchars:
+        config.option.reportchars += "s"          # pytest -m gpu says why its tests were skipped
+

@@ -1,6 +1,7 @@
 """The shared loop under torchrun: 2 gloo processes on the CPU train in lockstep and write artifacts once."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,3 +31,26 @@ def test_two_ranks_end_with_identical_weights_and_write_once(image_folder, tmp_p
     # 54 training images over 2 ranks of batch 8: 27 per rank, 4 steps per epoch
     checkpoint = torch.load(out / "model_ep2.pth", weights_only=True)
     assert checkpoint["optimizer"]["state"][0]["step"].item() == 8
+
+
+def test_a_torchrun_job_of_one_process_is_distributed(monkeypatch):
+    """torchrun with one process (how the GPU tier reaches nccl and DDP on one GPU) trains through its process
+    group, as a larger job does; without torchrun there is none."""
+    import socket
+
+    import training
+    from train_mnist import MNIST
+    config = dataclasses.replace(MNIST, device="cpu")
+    assert not training.start_ranks(config)[0].distributed
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    ranks, device = training.start_ranks(config)
+    try:
+        assert ranks.distributed and ranks.world_size == 1 and ranks.is_main
+        assert torch.distributed.get_backend() == "gloo" and device.type == "cpu"
+    finally:
+        torch.distributed.destroy_process_group()

@@ -274,6 +274,53 @@ def test_cli_trains_and_saves_a_classifier(tiny_run, tmp_path):
     assert path.read_bytes() == before
 
 
+class NoFloat64(torch.Tensor):
+    """A tensor on a device without float64, as MPS: making a float64 tensor of it raises as MPS does, and
+    ``.cpu()`` leaves the device."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        result = super().__torch_function__(func, types, args, kwargs or {})
+        if func is torch.Tensor.cpu:
+            return result.as_subclass(torch.Tensor)
+        if isinstance(result, torch.Tensor) and result.dtype == torch.float64:
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+        return result
+
+
+class ClassifierOnNoFloat64Device(Classifier):
+    """A classifier whose features live on a device without float64."""
+
+    def features(self, images):
+        return super().features(images).as_subclass(NoFloat64)
+
+
+def test_classify_makes_float64_only_on_the_cpu():
+    torch.manual_seed(0)
+    on_device = ClassifierOnNoFloat64Device(1, 10, (4, 8)).eval()
+    plain = Classifier(1, 10, (4, 8)).eval()
+    plain.load_state_dict(on_device.state_dict())
+    images = torch.rand(7, 1, 28, 28) * 2 - 1
+    features, predicted = classify(on_device, images, batch_size=3)
+    expected_features, expected_predicted = classify(plain, images, batch_size=3)
+    assert type(features) is torch.Tensor and features.dtype == torch.float64
+    assert torch.equal(features, expected_features) and torch.equal(predicted, expected_predicted)
+
+
+def test_train_classifier_saves_the_judge_before_it_measures_it(tiny_run, tmp_path, monkeypatch):
+    """Training is the long part: the trained judge is on disk before its test accuracy is measured."""
+    def failing_classify(*args, **kwargs):
+        raise RuntimeError("the device failed while classifying the test images")
+
+    monkeypatch.setattr(evaluate, "classify", failing_classify)
+    path = tmp_path / "mnist.pt"
+    with pytest.raises(RuntimeError, match="device failed"):
+        evaluate.main(["train-classifier", "mnist", "--image-folder", tiny_run["image_folder"], "--cache-dir", "",
+                       "--epochs", "1", "--batch-size", "32", "--classifier", str(path)])
+    classifier, info = load_classifier(str(path), "mnist")
+    assert info["in_channels"] == 1 and math.isnan(info["test_accuracy"])
+
+
 # ---- bad input: one line on stderr, exit code 2 ----------------------------------------------------------------
 
 def cli_error(argv, capsys):

@@ -10,7 +10,7 @@ from lab.checkpoints import network_from_config
 from lab.generation import SamplingDDPM, generate, sampling_model
 from networks.Conditional_UNet import UNet
 from lab.speed import (CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK, PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine,
-                       cpu_has_native_bf16, path_for_run)
+                       cpu_has_native_bf16, make_optimizer, path_for_run, to_channels_last)
 from lab.train_config import MNIST
 from training import Ranks, build_run, training_step
 
@@ -209,3 +209,96 @@ def test_a_network_whose_first_half_sees_the_class_is_called_on_the_repeated_bat
     fast = FastInference(other, FastPath(share_encoder=True))
     with torch.no_grad():
         torch.testing.assert_close(fast.noise_of_copies(x[:2], t, c, 2), other(x[:2].repeat(2, 1, 1, 1), t, c))
+
+
+# ---- what only a GPU runs, covered here ------------------------------------------------------------------------
+
+def round_to_tf32(tensor):
+    """``tensor`` rounded to TF32 (10 bits of mantissa), as cuDNN's tensor-core algorithms read fp32 inputs."""
+    bits = tensor.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(tensor.shape)
+
+
+def with_tf32_convolutions_at_batch(network, batch):
+    """Let ``network``'s convolutions compute in TF32 on batches of ``batch`` images only: what cuDNN does when it
+    picks a tensor-core algorithm for one batch size and another for the other."""
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            def forward(x, module=module):
+                if len(x) != batch:
+                    return torch.nn.Conv2d.forward(module, x)
+                return module._conv_forward(round_to_tf32(x), round_to_tf32(module.weight), module.bias)
+            module.forward = forward
+    return network
+
+
+def test_the_shared_encoders_check_holds_when_convolutions_change_algorithm_with_the_batch():
+    """SharedEncoder.matches compares batches of 2 and 4 images; on CUDA, cuDNN may compute one of them in TF32.
+    The check must still accept the U-Net, and still refuse a network whose first half sees the class."""
+    network = with_tf32_convolutions_at_batch(trained_network(), batch=4)
+    fast = FastInference(network, FastPath(share_encoder=True))
+    assert fast.copies is not None
+    x, t, c = network_inputs(4)
+    with torch.no_grad():
+        shared, full = fast.noise_of_copies(x[:2], t, c, 2), network(x[:2].repeat(2, 1, 1, 1), t, c)
+    assert 0 < (shared - full).norm() / full.norm() < 1e-2
+
+
+def test_the_shared_encoder_keeps_channels_last_and_compiles_to_one_graph():
+    """Its second half gets channels_last inputs from a channels_last network (``repeat`` would return the default
+    layout, and every layer would convert it), and torch.compile sees no graph break in it."""
+    network = trained_network()
+    fast = FastInference(network, FastPath(sample_channels_last=True, share_encoder=True))
+    layouts = []
+    for layer in (fast.network.decoder1.layers[0], fast.network.decoder2.layers[0], fast.network.final[0]):
+        layer.register_forward_pre_hook(
+            lambda module, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    x, t, c = network_inputs(4)
+    with torch.no_grad():
+        fast.noise_of_copies(x[:2], t, c, 2)
+        assert layouts == [True, True, True]
+        explanation = torch._dynamo.explain(fast.copies)(to_channels_last(x[:2], True), t, c, 2)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_the_benchs_rows_each_run_with_their_own_switches():
+    """cudnn.benchmark is one of the fast path's choices: the plain row runs without it, even when its rounds
+    alternate with those of a path that turns it on (a global switch, set before every round)."""
+    from tools import bench
+    seen = []
+    original_step = bench.training_step
+
+    def recording_step(run, images, labels):
+        seen.append((run.path.cudnn_benchmark, torch.backends.cudnn.benchmark))
+        return original_step(run, images, labels)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "training_step", recording_step)
+        paths = {"plain": FastPath(), "tuned": FastPath(cudnn_benchmark=True)}
+        bench.alternate({name: (lambda p=path: bench.training_rounds("mnist", 8, torch.device("cpu"), p, 2, 1))
+                         for name, path in paths.items()}, rounds=2)
+    torch.backends.cudnn.benchmark = False
+    assert len(seen) == 2 * (3 + 2) and all(chosen == used for chosen, used in seen)
+    assert not bench.variants(torch.device("cpu"), 1, full=True, compile_too=False)["plain"].cudnn_benchmark
+
+
+def test_the_cuda_path_turns_cudnn_benchmark_on_and_torchrun_compiles_without_cuda_graphs():
+    cuda = torch.device("cuda")
+    rules = FastPath.for_machine(cuda, 3, compile=True, machine=machine("cuda", gpu="NVIDIA H100"))
+    assert rules.cudnn_benchmark and rules.compile == "reduce-overhead"
+    assert not FastPath.for_machine(torch.device("cpu"), 3, machine=machine()).cudnn_benchmark
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Machine, "of", classmethod(lambda cls, device: machine("cuda", gpu="NVIDIA H100")))
+        single = path_for_run(cuda, 3, fast=True, compile=True, precision="auto")
+        under_torchrun = path_for_run(cuda, 3, fast=True, compile=True, precision="auto", distributed=True)
+        plain_under_torchrun = path_for_run(cuda, 3, fast=False, compile=True, precision="auto", distributed=True)
+    assert single.compile == "reduce-overhead"
+    assert under_torchrun.compile == plain_under_torchrun.compile == "default"   # DDP's hooks between graph replays
+
+
+def test_the_fused_adam_runs_wherever_the_path_asks_for_it():
+    """make_optimizer takes the choice from the path, not from the device: the CPU tests run the CUDA path's Adam."""
+    parameters = [torch.nn.Parameter(torch.zeros(3))]
+    assert make_optimizer(parameters, 1e-3, FastPath(fused_adam=True)).param_groups[0]["fused"]
+    assert not make_optimizer(parameters, 1e-3, FastPath()).param_groups[0]["fused"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ from PIL import Image
 import training
 from lab.cli import one_line_errors
 from lab.checkpoints import load_checkpoint
+from lab.run_files import grid_random_state, restore, run_random_state, save_run, set_run_random_state
+from lab.speed import FastPath
 from ddpm import DDPM
 from train_mnist import MNIST
 from training import resolve_config, train
@@ -67,6 +70,163 @@ def test_resumed_run_ends_with_the_same_weights(image_folder, tmp_path):
         for name, value in straight[key].items():
             torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
     assert [row["train_loss"] for row in straight["losses"]] == [row["train_loss"] for row in resumed["losses"]]
+
+
+# ---- resuming across fast-path settings and devices ----------------------------------------------------------
+
+# The CUDA fast path's training layout and Adam (channels_last weights, fused Adam), here on the CPU
+CUDA_TRAINING = FastPath(train_channels_last=True, fused_adam=True)
+SETTINGS = {"plain": FastPath(), "cuda-like": CUDA_TRAINING}
+
+
+def train_on_path(monkeypatch, path, config):
+    """``train(config)`` with the fast path ``path`` instead of the machine's."""
+    monkeypatch.setattr(training, "path_for_run", lambda *args, **kwargs: path)
+    return train(config)
+
+
+def copy_with_moments_laid_out(source, target, channels_last):
+    """``source``'s checkpoint at ``target`` with every 4-d Adam moment in channels_last (or the default) layout:
+    the file that a run of that layout would have written with the same numbers."""
+    checkpoint = torch.load(source, weights_only=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for state in checkpoint["optimizer"]["state"].values():
+        for name, value in state.items():
+            if value.dim() == 4:
+                state[name] = value.contiguous(memory_format=layout)
+    os.makedirs(os.path.dirname(target))
+    torch.save(checkpoint, target)
+
+
+@pytest.mark.parametrize("saved_with, resumed_with", [("plain", "cuda-like"), ("cuda-like", "plain")])
+def test_a_run_saved_with_one_fast_path_resumes_bit_exactly_with_the_other(image_folder, tmp_path, monkeypatch,
+                                                                           saved_with, resumed_with):
+    """A run started with one memory layout and Adam (a CPU, or --no-fast) and resumed with the other (a GPU)
+    continues exactly as from the same numbers laid out the resuming run's way: the layout of a file's Adam moments
+    changes nothing. (The fused Adam mixes up the elements of a moment laid out unlike its weight.)"""
+    settings = dict(sample_every=10, gif_every=10, save_every=1, eval_every=0, ema_decay=0.9)
+    train_on_path(monkeypatch, SETTINGS[saved_with], tiny_config(image_folder, tmp_path / "first", epochs=1,
+                                                                 **settings))
+    saved = str(tmp_path / "first" / "model_ep1.pth")
+    own_layout = str(tmp_path / "own" / "model_ep1.pth")
+    copy_with_moments_laid_out(saved, own_layout, SETTINGS[resumed_with].train_channels_last)
+    for checkpoint in (saved, own_layout):
+        train_on_path(monkeypatch, SETTINGS[resumed_with],
+                      tiny_config(image_folder, os.path.dirname(checkpoint), epochs=2, resume=checkpoint, **settings))
+    resumed = load_checkpoint(str(tmp_path / "first" / "model_ep2.pth"))
+    expected = load_checkpoint(str(tmp_path / "own" / "model_ep2.pth"))
+    for key in ("model", "ema"):
+        for name, value in expected[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+    for index, state in expected["optimizer"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(resumed["optimizer"]["state"][index][name], value, rtol=0, atol=0)
+    assert [row["train_loss"] for row in resumed["losses"]] == [row["train_loss"] for row in expected["losses"]]
+
+
+@pytest.mark.parametrize("saved_with, resumed_with", [("plain", "cuda-like"), ("cuda-like", "plain")])
+def test_resumed_adam_moments_are_laid_out_like_their_weights(image_folder, tmp_path, saved_with, resumed_with):
+    config = tiny_config(image_folder, tmp_path, epochs=1)
+    first = training.build_run(config, training.Ranks(), torch.device("cpu"), SETTINGS[saved_with])
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    training.training_step(first, images, torch.arange(8))
+    path = save_run(first, "model_ep1.pth")
+    resumed = training.build_run(dataclasses.replace(config, resume=path), training.Ranks(), torch.device("cpu"),
+                                 SETTINGS[resumed_with])
+    moments = 0
+    for before, weight in zip(first.model.nn_model.parameters(), resumed.model.nn_model.parameters()):
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = resumed.optimizer.state[weight][name]
+            assert moment.stride() == weight.stride(), name
+            assert torch.equal(moment, first.optimizer.state[before][name])
+            moments += weight.dim() == 4
+        assert resumed.optimizer.state[weight]["step"].device.type == "cpu"
+    assert moments > 20                                        # the convolutions' moments among them
+    assert bool(resumed.optimizer.param_groups[0]["fused"]) == SETTINGS[resumed_with].fused_adam   # its own Adam
+
+
+class OneGPUGenerators:
+    """CUDA's generator functions as on a machine with one GPU (cuda:0), on this machine: torch's own
+    ``set_rng_state_all`` refuses more states than there are devices, with an IndexError."""
+
+    def __init__(self):
+        self.state = torch.zeros(16, dtype=torch.uint8)
+
+    def get_rng_state(self, device="cuda"):
+        assert torch.device(device).index in (None, 0)
+        return self.state.clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        assert torch.device(device).index in (None, 0)
+        self.state = state.clone()
+
+    def get_rng_state_all(self):
+        return [self.get_rng_state()]
+
+    def set_rng_state_all(self, states):
+        for index, state in enumerate(states):
+            if index > 0:
+                raise IndexError("tuple index out of range")
+            self.set_rng_state(state)
+
+    def install(self, monkeypatch):
+        for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        return self
+
+
+def test_a_checkpoint_of_a_machine_with_more_gpus_resumes_on_one(image_folder, tmp_path, monkeypatch):
+    """Older checkpoints hold one CUDA generator state per visible GPU; the run trained on the first. Resumed where
+    one GPU is visible, that first state is the one restored; new checkpoints hold the run's device's only."""
+    generators = OneGPUGenerators().install(monkeypatch)
+    config = tiny_config(image_folder, tmp_path, epochs=1)
+    run = training.build_run(config, training.Ranks(), torch.device("cpu"))
+    path = save_run(run, "model_ep1.pth")
+    checkpoint = torch.load(path, weights_only=True)
+    states = [torch.full((16,), value, dtype=torch.uint8) for value in (1, 2, 3)]
+    checkpoint["rng"]["cuda"] = states                       # saved where three GPUs were visible
+    torch.save(checkpoint, path)
+    restore(path, run.model.nn_model, run.optimizer, run.ema, torch.device("cuda"))
+    assert torch.equal(generators.state, states[0])
+    saved = run_random_state(torch.device("cuda"))
+    assert set(saved) == {"cpu", "cuda"} and torch.equal(saved["cuda"], states[0])
+    assert set(run_random_state(torch.device("cpu"))) == {"cpu"}
+
+
+class StubMPSGenerator:
+    """The MPS generator's functions (torch.mps.manual_seed, get_rng_state, set_rng_state), as on a Mac, backed by
+    a CPU generator: ``torch.manual_seed`` then reseeds it, as it reseeds the real one."""
+
+    def __init__(self, monkeypatch):
+        self.generator = torch.Generator().manual_seed(123)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+        monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: self.generator.manual_seed(seed))
+        monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": self.generator.get_state())
+        monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": self.generator.set_state(state))
+
+    def draw(self):
+        return torch.rand(4, generator=self.generator)
+
+
+def test_a_grid_leaves_every_generator_the_seed_touches_as_it_was(monkeypatch):
+    """On MPS, the training's noise comes from the MPS generator; the grid's fixed seed must not reset it."""
+    mps = StubMPSGenerator(monkeypatch)
+    torch.manual_seed(5)
+    mps.draw()
+    expected_cpu, expected_mps = torch.get_rng_state(), mps.generator.get_state()
+    with grid_random_state(MNIST):
+        mps.draw(), torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), expected_cpu)
+    assert torch.equal(mps.generator.get_state(), expected_mps)
+
+
+def test_a_checkpoint_of_a_run_on_mps_keeps_the_mps_generator(monkeypatch):
+    """The training's noise on MPS comes from the MPS generator: a resumed run continues its stream."""
+    mps = StubMPSGenerator(monkeypatch)
+    saved = run_random_state(torch.device("mps"))
+    expected = mps.draw()
+    set_run_random_state(saved, torch.device("mps"))
+    assert set(saved) == {"cpu", "mps"} and torch.equal(mps.draw(), expected)
 
 
 def test_signal_mid_epoch_saves_and_resumes_exactly(image_folder, tmp_path, monkeypatch):
@@ -207,6 +367,19 @@ def test_bad_checkpoints_are_refused_with_a_reason(image_folder, tmp_path, capsy
     torch.save({"weights": 1}, foreign)
     assert "not a training checkpoint" in run_cli(tiny_argv(image_folder, out, "--resume", str(foreign)), capsys)
     assert good.read_bytes() == before  # nothing overwritten
+
+
+def test_a_checkpoint_with_a_broken_random_state_is_refused_in_one_line(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_script(tiny_argv(image_folder, out))
+    checkpoint = torch.load(out / "model_ep1.pth", weights_only=True)
+    checkpoint["rng"]["cpu"] = torch.zeros(3, dtype=torch.uint8)
+    broken = tmp_path / "broken" / "model_ep1.pth"
+    broken.parent.mkdir()
+    torch.save(checkpoint, broken)
+    capsys.readouterr()
+    error = run_cli(tiny_argv(image_folder, out, "--resume", str(broken), "--epochs", "2"), capsys)
+    assert "random generator state" in error and len(error.splitlines()) == 1
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(image_folder, tmp_path, monkeypatch, capsys):

@@ -35,7 +35,7 @@ from ddpm import class_grid_labels
 from lab.checkpoints import network_from_config
 from lab.cli import OneLineParser, add_guidance_flag, tool_flags
 from lab.generation import SamplingModel, generate, sampling_model
-from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, cpu_model
+from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, cpu_model, use_backend_settings
 from lab.train_config import GEOMETRY, MNIST, SCRIPT_DEFAULTS
 from training import Ranks, build_run, training_step
 from utils import write_rows_csv
@@ -59,6 +59,7 @@ def variants(device: torch.device, in_channels: int, full: bool, compile_too: bo
             chosen["bf16 autocast only"] = FastPath(bf16_autocast=True)
         if device.type == "cuda":
             chosen["fused adam only"] = FastPath(fused_adam=True)
+            chosen["cudnn benchmark only"] = FastPath(cudnn_benchmark=True)
     if compile_too:
         chosen["fast + compile"] = replace(fast, compile="default")
         if device.type == "cuda":
@@ -86,6 +87,7 @@ def training_rounds(dataset: str, n_features: int, device: torch.device, path: F
     synchronize(device)
     yield None
     while True:
+        use_backend_settings(path)                         # this path's switches, whatever ran in between
         started = time.perf_counter()
         for step in range(steps):
             batch = batches[step % 4]
@@ -121,10 +123,12 @@ def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: F
     def run(name: str, n_steps: int) -> None:
         generate(model, conditions, guidance, sampler=name, steps=None if name == "ddpm" else n_steps)
 
+    use_backend_settings(path)
     run("ddim", 2)                                            # warm-up
     synchronize(device)
     yield None
     while True:
+        use_backend_settings(path)
         started = time.perf_counter()
         run(sampler, steps)
         synchronize(device)
@@ -138,10 +142,12 @@ def evaluation_rounds(dataset: str, n_features: int, device: torch.device, path:
     geometry = GEOMETRY[dataset]
     model = benchmark_model(dataset, n_features, device, path, path.sample_chunk)
     conditions = F.one_hot(torch.arange(n_images) % geometry["n_classes"], geometry["n_classes"]).float()
+    use_backend_settings(path)
     generate(model, conditions[:path.sample_chunk], guidance, sampler="ddim", steps=1)          # warm-up
     synchronize(device)
     yield None
     while True:
+        use_backend_settings(path)
         started = time.perf_counter()
         generate(model, conditions, guidance, sampler="ddim", steps=steps)
         synchronize(device)

@@ -102,6 +102,7 @@ def run_train_classifier(args: argparse.Namespace) -> None:
     print(f"classifier training: {', '.join(chosen) or 'plain fp32'}" + (" (--no-fast: plain fp32)" if chosen else ""))
     train_classifier(classifier, train_set, epochs, args.batch_size, device=device, path=fast_path,
                      **AUGMENTATION[args.dataset])
+    save_classifier(classifier, path, args.dataset, test_set.images.shape[-1], float("nan"))   # kept, come what may
     _, predicted = classify(classifier, to_model_scale(test_set.images))
     accuracy = class_accuracy(predicted, test_set.labels)
     save_classifier(classifier, path, args.dataset, test_set.images.shape[-1], accuracy)

@@ -6,13 +6,17 @@
 #
 #   bash tools/gpu_reference.sh OUT DATA
 #
-# OUT: where everything goes (OUT/log_mnist, OUT/log_cifar10, OUT/log_cifar10_f64, OUT/bench.txt, OUT/times.txt).
-# DATA: a folder with MNIST/raw (torchvision's layout) and cifar10-jpeg/{train,test}, e.g. /path/to/data.
-# The training steps and the sampling run through torch.compile with CUDA graphs (--compile); the data sit on the
-# GPU. Settings can be shrunk for a trial run on the CPU, e.g.
+# OUT: where everything goes (OUT/log_mnist, OUT/log_cifar10, OUT/log_cifar10_f64, OUT/bench.txt,
+# OUT/bench_compile.txt, OUT/times.txt). DATA: a folder with MNIST/raw (torchvision's layout) and
+# cifar10-jpeg/{train,test}, e.g. /path/to/data.
+# The training steps and the sampling run through torch.compile with CUDA graphs (--compile; COMPILE="" turns it
+# off); the data sit on the GPU. The benchmark runs in two parts, each stopped after BENCH_SECONDS (default 1800)
+# so that the reference goes on whatever happens: every ingredient of the fast path, eager, at three batch sizes,
+# then plain, fast and the two compiled paths at batch 128. Settings can be shrunk for a trial run, e.g. on the CPU
 #   DEVICE=cpu TRAIN_FLAGS="--epochs 1 --subset 128 --timesteps 20" EVAL_FLAGS="--n-per-class 2" DDIM_STEPS=10 \
 #       BENCH_FLAGS="--configs mnist --batch-sizes 8 --train-steps 1 --timed-steps 2 --rounds 1 --eval-images 20" \
 #       F64_SECONDS=0 bash tools/gpu_reference.sh /tmp/out /path/to/data
+# and on a GPU the same with DEVICE=cuda COMPILE="" (tests/test_gpu.py runs it so).
 set -euo pipefail
 out="${1:?usage: bash tools/gpu_reference.sh OUT DATA}"
 data="${2:?usage: bash tools/gpu_reference.sh OUT DATA}"
@@ -21,8 +25,9 @@ train_flags="${TRAIN_FLAGS:-}"
 eval_flags="${EVAL_FLAGS:-}"
 ddim_steps="${DDIM_STEPS:-50}"
 f64_seconds="${F64_SECONDS:-300}"      # start the F = 64 run only if at most this many seconds have passed
+bench_seconds="${BENCH_SECONDS:-1800}"
 python="${PYTHON:-python}"
-compile="--compile"
+compile="${COMPILE---compile}"
 [ "$device" = "cpu" ] && compile=""   # on a CPU, compiling costs more than the tiny trial saves
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"; data="$(cd "$data" && pwd)"
@@ -46,9 +51,15 @@ evaluate() {  # evaluate CHECKPOINT [DATA FLAG...]: DDPM-T and DDIM tables at w 
 
 "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
     | tee "$out/times.txt"
-step bench timeout 100 "$python" -m tools.bench --devices "$device" --configs cifar10 mnist --batch-sizes 128 256 512 \
-    $compile --rounds 2 --train-steps 20 --timed-steps 40 ${BENCH_FLAGS:-} > "$out/bench.txt" 2>&1 \
+step bench timeout "$bench_seconds" "$python" -m tools.bench --devices "$device" --configs cifar10 mnist \
+    --batch-sizes 128 256 512 --rounds 2 --train-steps 20 --timed-steps 40 ${BENCH_FLAGS:-} > "$out/bench.txt" 2>&1 \
     || echo "bench did not finish (see $out/bench.txt)" | tee -a "$out/times.txt"
+if [ -n "$compile" ]; then
+    step bench-compile timeout "$bench_seconds" "$python" -m tools.bench --quick --compile --devices "$device" \
+        --configs cifar10 mnist --batch-sizes 128 --rounds 2 --train-steps 20 --timed-steps 40 ${BENCH_FLAGS:-} \
+        > "$out/bench_compile.txt" 2>&1 || echo "bench-compile did not finish (see $out/bench_compile.txt)" \
+        | tee -a "$out/times.txt"
+fi
 step mnist "$python" train_mnist.py --data-root "$data" --out "$out/log_mnist" --device "$device" $compile $train_flags
 step cifar10 "$python" train_cifar10.py --image-folder "$data/cifar10-jpeg/train" --cache-dir "$out/cache" \
     --out "$out/log_cifar10" --device "$device" $compile $train_flags

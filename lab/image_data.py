@@ -8,7 +8,9 @@ centred crop, or padding) and resized once, with antialiasing, to the run's imag
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -199,7 +201,8 @@ def open_dataset(name: str, cache_dir: str | None):
         dataset = library.load_from_disk(name)
     else:
         try:
-            dataset = library.load_dataset(name, cache_dir=cache_dir, split="train")
+            with quiet_hub_retries():
+                dataset = library.load_dataset(name, cache_dir=cache_dir, split="train")
         except Exception as error:   # offline, unknown name, a half-downloaded cache: the library raises many kinds
             reason = (str(error).strip().splitlines() or [""])[0][:200]
             raise DataError(f"the datasets library could not load {name!r} ({type(error).__name__}: {reason}); "
@@ -210,6 +213,19 @@ def open_dataset(name: str, cache_dir: str | None):
             raise DataError(f"{name} has no 'train' split (it has {', '.join(dataset)})")
         dataset = dataset["train"]
     return dataset
+
+
+@contextlib.contextmanager
+def quiet_hub_retries():
+    """Keeps huggingface_hub's warnings (one per retry of an unreachable hub) off the terminal, so that a failed
+    download ends in ``open_dataset``'s one line; its errors still show."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    previous = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(previous)
 
 
 def image_column(dataset, name: str) -> str:

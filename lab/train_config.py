@@ -107,9 +107,13 @@ class TrainConfig:
 
     @property
     def unconditional(self) -> bool:
-        """Whether the run trains the unconditional model: every sample on the null class c = 0 (p_uncond =
-        drop_prob = 1), as for a dataset without classes; it is then sampled with c = 0 and w = 0."""
-        return self.drop_prob == 1
+        return is_unconditional(self.drop_prob)
+
+
+def is_unconditional(drop_prob: float) -> bool:
+    """Whether a run with this p_uncond (drop_prob) trains the unconditional model: every sample on the null class
+    c = 0, as for a dataset without classes; such a model is sampled with c = 0 and w = 0."""
+    return drop_prob == 1
 
 
 def field_help(name: str) -> str:

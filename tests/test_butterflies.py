@@ -24,6 +24,7 @@ from lab.cli import one_line_errors
 from lab.image_data import make_square, square_image
 from lab.train_config import BUTTERFLIES, HF_BUTTERFLIES
 from networks.Conditional_UNet import UNet, count_trainable_parameters
+from tools import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -222,6 +223,14 @@ def test_train_butterflies_from_the_hub_writes_every_artifact_and_resumes(hub_fr
     # the unconditional model: training and test losses and the grids' sampling all use the null class c = 0 only
     assert len(seen["p_losses"]) == 2 * 3 + 2 * 3 and len(seen["guided_noise"]) == 2 * 10   # steps, T
     assert all(c.shape[1] == 1 and not c.any() for calls in seen.values() for c in calls)
+    # tools.sample draws the unconditional model's images from the checkpoint; it has no classes to choose
+    drawn = tmp_path / "drawn.png"
+    sample.main(["--checkpoint", str(tmp_path / "run" / "model_ep2.pth"), "--n", "3", "--sampler", "ddim",
+                 "--steps", "2", "--device", "cpu", "--out", str(drawn)])
+    assert Image.open(drawn).size == (3 * 10 + 2, 10 + 2)
+    with pytest.raises(SystemExit):
+        sample.main(["--checkpoint", str(tmp_path / "run" / "model_ep2.pth"), "--classes", "0", "--out",
+                     str(tmp_path / "classes.png")])
     settings = ["--sample-every", "5", "--gif-every", "5", "--eval-every", "0"]
     train_butterflies(butterflies_argv(tmp_path / "straight", *settings, "--epochs", "3"))
     train_butterflies(butterflies_argv(tmp_path / "resumed", *settings, "--epochs", "2"))
@@ -251,16 +260,16 @@ def test_train_butterflies_from_a_saved_dataset_and_from_an_image_folder(saved_d
 
 # ---- bad input: one line, exit code 2 ---------------------------------------------------------------------------
 
-def run_script(arguments, environment=None, prelude=""):
-    """``python train_butterflies.py ARGUMENTS`` in a fresh process, ``prelude`` run first; (code, stderr)."""
-    code = f"{prelude}import runpy, sys; sys.argv = ['train_butterflies.py'] + {arguments!r}; " \
-           f"runpy.run_path('train_butterflies.py', run_name='__main__')"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **(environment or {})})
+def run_script(arguments, environment):
+    """``python train_butterflies.py ARGUMENTS`` in a fresh process with ``environment``: (exit code, stderr)."""
+    result = subprocess.run([sys.executable, "train_butterflies.py", *arguments], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, **environment})
     return result.returncode, result.stderr.strip()
 
 
 def test_offline_the_hub_dataset_fails_in_one_line_naming_the_alternatives(tmp_path):
+    """The real download of the sheet's dataset, in a process where the library is offline (it reads the switch
+    when imported)."""
     needs_datasets()
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     code, error = run_script(["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")], offline)
@@ -269,10 +278,18 @@ def test_offline_the_hub_dataset_fails_in_one_line_naming_the_alternatives(tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_without_the_datasets_library_one_line_says_what_to_install(tmp_path):
-    blocked = "import sys; sys.modules['datasets'] = None; "           # makes `import datasets` fail
-    code, error = run_script(["--cache-dir", "", "--out", str(tmp_path / "out")], prelude=blocked)
-    assert code == 2 and len(error.splitlines()) == 1, error
+def one_line_error(argv, capsys):
+    """The one line on stderr of ``train_butterflies.py ARGV`` that exits with code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_butterflies(argv)
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1, error
+    return error
+
+
+def test_without_the_datasets_library_one_line_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)                   # makes `import datasets` fail
+    error = one_line_error(["--cache-dir", "", "--out", str(tmp_path / "out")], capsys)
     assert "datasets library" in error and "pip install -r requirements-butterflies.txt" in error
 
 
@@ -282,11 +299,13 @@ def test_without_the_datasets_library_one_line_says_what_to_install(tmp_path):
     (["--square", "stretch"], "invalid choice"),
     (["--data-root", "data"], "unrecognized arguments"),
 ])
-def test_bad_settings_are_refused_in_one_line(tmp_path, extra, fragment):
+def test_bad_settings_are_refused_in_one_line(tmp_path, capsys, extra, fragment):
     (tmp_path / "photos").mkdir()
     three_stripes().save(tmp_path / "photos" / "stripes.png")
-    code, error = run_script(["--image-folder", str(tmp_path / "photos"), "--out", str(tmp_path / "out"), *extra])
-    assert code == 2 and len(error.splitlines()) == 1 and fragment in error, error
+    error = one_line_error(["--image-folder", str(tmp_path / "photos"), "--out", str(tmp_path / "out"), *extra],
+                           capsys)
+    assert fragment in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_image_folder_without_images_is_refused(tmp_path):

@@ -27,6 +27,7 @@ from networks.Conditional_UNet import UNet, count_trainable_parameters
 from tools import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}     # the scripts' processes on one thread, as conftest's tests
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 # (width, height) of the synthetic photographs: landscape, portrait, square, odd differences, very long
 SIZES = [(48, 16), (30, 44), (33, 33), (41, 20), (17, 60), (64, 23), (25, 26), (50, 31), (21, 34), (40, 40),
@@ -252,7 +253,7 @@ def test_train_butterflies_from_a_saved_dataset_and_from_an_image_folder(saved_d
     for source, out in ((["--hf-dataset", saved_dataset], "from_saved"), (["--image-folder", str(folder)], "folder")):
         command = [sys.executable, "train_butterflies.py", *source,
                    *butterflies_argv(tmp_path / out, "--epochs", "1", "--square", "pad")]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"training on {len(SIZES) - 1} images" in result.stdout        # one held out for the test loss
         assert {"image_ep1_w0.0.png", "gif_ep1_w0.0.gif", "model_ep1.pth"} <= set(os.listdir(tmp_path / out))
@@ -263,7 +264,7 @@ def test_train_butterflies_from_a_saved_dataset_and_from_an_image_folder(saved_d
 def run_script(arguments, environment):
     """``python train_butterflies.py ARGUMENTS`` in a fresh process with ``environment``: (exit code, stderr)."""
     result = subprocess.run([sys.executable, "train_butterflies.py", *arguments], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, **environment})
+                            text=True, timeout=300, env={**ONE_THREAD, **environment})
     return result.returncode, result.stderr.strip()
 
 
@@ -312,3 +313,14 @@ def test_an_image_folder_without_images_is_refused(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(image_data.DataError, match="holds no images"):
         image_data.load_unlabelled_folder(str(tmp_path / "empty"), 3, 8, "crop")
+
+
+def test_synthetic_photos_load_like_the_butterflies(tmp_path):
+    """tools.synthetic_photos (the timing data of docs/reference.md) writes what load_hf_dataset reads."""
+    needs_datasets()
+    from tools.synthetic_photos import write_photos
+    write_photos(str(tmp_path / "photos"), count=3, width=30, height=20)
+    loaded = image_data.load_hf_dataset(str(tmp_path / "photos"), 3, 8, "crop", None)
+    assert loaded.images.shape == (3, 3, 8, 8) and loaded.images.float().std() > 0
+    with pytest.raises(FileExistsError):
+        write_photos(str(tmp_path / "photos"), count=3, width=30, height=20)

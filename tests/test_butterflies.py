@@ -245,7 +245,7 @@ def test_train_butterflies_from_the_hub_writes_every_artifact_and_resumes(hub_fr
 
 def test_train_butterflies_from_a_saved_dataset_and_from_an_image_folder(saved_dataset, tmp_path):
     """The command line itself, in a fresh process: --hf-dataset with a folder from save_to_disk, and
-    --image-folder with photographs in nested folders (no classes)."""
+    --image-folder with photographs in nested folders (no classes), then resumed for a second epoch."""
     folder = tmp_path / "photos"
     for index, picture in enumerate(photographs()):
         (folder / f"box{index % 3}").mkdir(parents=True, exist_ok=True)
@@ -257,6 +257,10 @@ def test_train_butterflies_from_a_saved_dataset_and_from_an_image_folder(saved_d
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"training on {len(SIZES) - 1} images" in result.stdout        # one held out for the test loss
         assert {"image_ep1_w0.0.png", "gif_ep1_w0.0.gif", "model_ep1.pth"} <= set(os.listdir(tmp_path / out))
+    resumed = subprocess.run(command + ["--epochs", "2", "--resume", "auto"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, env=ONE_THREAD)              # the image folder's run goes on
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-2000:]
+    assert load_checkpoint(str(tmp_path / "folder" / "model_ep2.pth"))["epoch"] == 2
 
 
 # ---- bad input: one line, exit code 2 ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from lab.cli import one_line_errors
 from lab.image_data import make_square, square_image
 from lab.train_config import BUTTERFLIES, HF_BUTTERFLIES
 from networks.Conditional_UNet import UNet, count_trainable_parameters
-from tools import sample
+from tools import sample, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}     # the scripts' processes on one thread, as conftest's tests
@@ -232,6 +232,9 @@ def test_train_butterflies_from_the_hub_writes_every_artifact_and_resumes(hub_fr
     with pytest.raises(SystemExit):
         sample.main(["--checkpoint", str(tmp_path / "run" / "model_ep2.pth"), "--classes", "0", "--out",
                      str(tmp_path / "classes.png")])
+    visualize.main(["forward", "--checkpoint", str(tmp_path / "run" / "model_ep2.pth"), "--out",
+                    str(tmp_path / "forward.png")])                      # a photograph of the run, diffused
+    assert (tmp_path / "forward.png").stat().st_size > 0
     settings = ["--sample-every", "5", "--gif-every", "5", "--eval-every", "0"]
     train_butterflies(butterflies_argv(tmp_path / "straight", *settings, "--epochs", "3"))
     train_butterflies(butterflies_argv(tmp_path / "resumed", *settings, "--epochs", "2"))

@@ -1,4 +1,5 @@
-"""The one training loop behind train_mnist.py and train_cifar10.py (sheet 1, tasks 3 and 4; sheet 2, 2.2).
+"""The one training loop behind train_mnist.py, train_cifar10.py and train_butterflies.py (sheet 1, tasks 3 and 4;
+sheet 2, 2.2 and 2.5).
 
 ``command_line_config(defaults)`` turns the command line into a ``TrainConfig`` (lab/train_config.py) and
 ``train`` runs it. Each epoch the loop trains on the whole in-memory dataset (Algorithm 1: ``loss = ddpm(y0, c)``),
@@ -29,9 +30,9 @@ from lab.cli import resolve_device, training_parser
 from lab.ema import EMA
 from lab.generation import SamplingModel, sampling_model
 from lab.image_data import ImageSet, load_data, to_model_scale
-from lab.run_files import (RunState, grid_random_state, grid_states, grids_due, newest_run_checkpoint, output_folder,
-                           real_examples, remove_interrupted_checkpoints, restore, sample_grid_few_step,
-                           save_interrupted, save_run, write_grid_files, write_loss_files)
+from lab.run_files import (RunState, grid_conditions, grid_random_state, grid_states, grids_due, newest_run_checkpoint,
+                           output_folder, real_examples, remove_interrupted_checkpoints, restore,
+                           sample_grid_few_step, save_interrupted, save_run, write_grid_files, write_loss_files)
 from lab.speed import (FastInference, FastPath, FastTraining, compiled, make_optimizer, mark_step_begin,
                        network_to_channels_last, path_for_run, use_backend_settings)
 from lab.train_config import GEOMETRY, TrainConfig, validate
@@ -54,10 +55,11 @@ def resolve_config(defaults: TrainConfig, given: dict) -> TrainConfig:
 
     --resume auto continues the newest run of --out (``run_files.newest_run_checkpoint``) and starts a new run,
     saying so, when there is none. A resumed run keeps its model settings (a different one is refused) and
-    writes next to its checkpoint; --data-root without --image-folder means the built-in dataset.
+    writes next to its checkpoint; --data-root (--hf-dataset) without --image-folder means the built-in (the
+    datasets library's) dataset.
     """
-    base = dataclasses.replace(defaults, **GEOMETRY[defaults.dataset])
-    if "data_root" in given and "image_folder" not in given:
+    base = dataclasses.replace(defaults, **GEOMETRY.get(defaults.dataset, {}))
+    if ("data_root" in given or "hf_dataset" in given) and "image_folder" not in given:
         given = {**given, "image_folder": None}
     resume = given.get("resume")
     if resume == "auto":
@@ -287,7 +289,7 @@ def training_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch
     y = to_model_scale(images)
     if config.flip:
         y = torch.where(torch.rand(len(y), 1, 1, 1, device=y.device) < 0.5, y.flip(3), y)
-    c = F.one_hot(labels, config.n_classes).float()
+    c = class_vectors(labels, config)
     loss = run.trainer(y, c)                                        # DDPM.forward: Algorithm 1
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -295,6 +297,14 @@ def training_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch
     if run.ema is not None:
         run.ema.update(run.model.nn_model)
     return loss
+
+
+def class_vectors(labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The condition c of each image, [N, n_classes]: its one-hot class vector, or the null class c = 0 for an
+    unconditional run (``config.unconditional``: p_uncond = 1, a dataset without classes such as the butterflies
+    of sheet 2, 2.5), whose network never sees another c."""
+    c = F.one_hot(labels, config.n_classes).float()
+    return torch.zeros_like(c) if config.unconditional else c
 
 
 def stop_agreed(stop: StopRequested, ranks: Ranks, device: torch.device) -> bool:
@@ -338,7 +348,7 @@ def finish_epoch(run: Run, epoch: int, mean_loss: float, images_per_s: float, te
             if config.sampler == "ddpm":      # the sheet's call: ddpm.sample(4, (C, H, W), 10, w)
                 ddpm = model.ddpm.with_options(clip_denoised=config.clip_denoised)
                 generated, frames = ddpm.sample(config.n_sample, model.image_shape, config.n_classes, w,
-                                                keep=grid_states(model, config))
+                                                conditions=grid_conditions(config), keep=grid_states(model, config))
             else:
                 generated, frames = sample_grid_few_step(model, config, w)
         write_grid_files(config, epoch, w, generated.float().cpu(), frames, real, grid, gif)
@@ -366,9 +376,9 @@ def model_for_sampling(run: Run) -> SamplingModel:
 @torch.inference_mode()
 def test_loss(model: SamplingModel, test_set: ImageSet, config: TrainConfig) -> dict[str, float]:
     """Sheet 2, 2.2 e: "the loss for a defined test set at specific time-steps". The noise loss (S2 eq. 9, with
-    ``config.loss``, or always l2) of every test image with its one-hot class, at each of a fixed set of at least
-    two timesteps in 1..T, with noise fixed by a seed: every call gives the same value. This solution takes
-    ``config.eval_timesteps`` timesteps spread evenly over 1..T.
+    ``config.loss``, or always l2) of every test image with its one-hot class (the null class c = 0 for an
+    unconditional run), at each of a fixed set of at least two timesteps in 1..T, with noise fixed by a seed: every
+    call gives the same value. This solution takes ``config.eval_timesteps`` timesteps spread evenly over 1..T.
 
     Returns {'test_loss': the mean over all images and timesteps, 'test_loss_t{t}': the mean at t, ...};
     comparable across epochs and runs with the same T and test images.
@@ -385,7 +395,7 @@ def test_loss(model: SamplingModel, test_set: ImageSet, config: TrainConfig) -> 
         for start in range(0, len(test_set), 500):
             y0 = to_model_scale(test_set.images[start:start + 500]).to(device)
             noise = torch.randn(y0.shape, generator=generator).to(device)
-            c = F.one_hot(test_set.labels[start:start + 500], config.n_classes).float().to(device)
+            c = class_vectors(test_set.labels[start:start + 500], config).to(device)
             step = torch.full((len(y0),), t, device=device)
             loss = model.ddpm.p_losses(y0, step, c, noise, loss_type=config.loss)
             total += loss.item() * len(y0)

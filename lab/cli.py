@@ -19,7 +19,7 @@ import torch
 
 from ddpm import default_device
 from lab.speed import CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK
-from lab.train_config import DEVICES, TrainConfig, field_choices, field_help, flag_fields
+from lab.train_config import BUILT_IN, DEVICES, TrainConfig, field_choices, field_help, flag_fields
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr (exit code 2), like every other error here."""
@@ -71,9 +71,11 @@ def add_seed_flag(flags: Flags) -> None:
     flags.add("seed", type=int, default=0)
 
 
-def add_data_flags(flags: Flags) -> None:
-    """--data-root, --image-folder, --cache-dir; a tool's default None means the checkpoint's own data."""
-    flags.add("data_root")
+def add_data_flags(flags: Flags, data_root: bool = True) -> None:
+    """--data-root (unless ``data_root`` is False: no built-in dataset), --image-folder, --cache-dir; a tool's
+    default None means the checkpoint's own data."""
+    if data_root:
+        flags.add("data_root")
     flags.add("image_folder")
     flags.add("cache_dir")
 
@@ -148,14 +150,15 @@ def tool_flags(parser: argparse.ArgumentParser) -> Flags:
 
 
 def training_parser(defaults: TrainConfig, description: str) -> argparse.ArgumentParser:
-    """A flag for every TrainConfig field marked as one; only the flags given land in the namespace."""
+    """A flag for every TrainConfig field marked as one of the script's dataset; only the flags given land in the
+    namespace."""
     parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
     flags = Flags(parser, defaults)
-    groups = {"data_root": add_data_flags, "device": add_device_flag, "seed": add_seed_flag,
-              "sampler": add_sampler_flags}
+    groups = {"image_folder": lambda group: add_data_flags(group, defaults.dataset in BUILT_IN),
+              "device": add_device_flag, "seed": add_seed_flag, "sampler": add_sampler_flags}
     grouped = {"data_root", "image_folder", "cache_dir", "device", "seed", "sampler", "sample_steps", "eta",
                "spacing", "clip_denoised"}
-    for item in flag_fields():
+    for item in flag_fields(defaults.dataset):
         if item.name in groups:
             groups[item.name](flags)
         elif item.name == "guidance":

@@ -271,11 +271,21 @@ def grid_states(model: SamplingModel, config: TrainConfig) -> list[int]:
     return animation_states(model.ddpm, config.sampler, config.sample_steps, config.spacing)
 
 
+def grid_conditions(config: TrainConfig) -> torch.Tensor | None:
+    """The class vectors of a grid: None for ``DDPM.sample``'s own (n_sample images per class, class-fastest), or
+    for an unconditional run (``config.unconditional``) n_sample times the null class c = 0, [n_sample, n_classes]."""
+    return torch.zeros(config.n_sample, config.n_classes) if config.unconditional else None
+
+
 def sample_grid_few_step(model: SamplingModel, config: TrainConfig, w: float) -> tuple[torch.Tensor, np.ndarray]:
     """The grid with a few-step sampler (--sampler ddim or dpm++2m): n_sample images per class, class-fastest,
-    as ``DDPM.sample`` orders them. Returns (images [N, C, H, W] on the CPU, frames)."""
-    labels = class_grid_labels(range(config.n_classes), config.n_sample)
-    return generate(model, F.one_hot(labels, config.n_classes).float(), w, sampler=config.sampler,
+    as ``DDPM.sample`` orders them (or ``grid_conditions``' null classes). Returns (images [N, C, H, W] on the
+    CPU, frames)."""
+    conditions = grid_conditions(config)
+    if conditions is None:
+        labels = class_grid_labels(range(config.n_classes), config.n_sample)
+        conditions = F.one_hot(labels, config.n_classes).float()
+    return generate(model, conditions, w, sampler=config.sampler,
                     steps=config.sample_steps, eta=config.eta, clip_denoised=config.clip_denoised,
                     spacing=config.spacing, seed=config.seed, keep=grid_states(model, config))
 

@@ -235,6 +235,27 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 ''',
+    "train_butterflies.py": '''"""Sheet 2, exercise 2.5 (optional): butterflies everywhere.
+
+"As CIFAR10 may be boring, you can try to experiment with a Butterfly dataset from the Smithsonian Butterflies
+Dataset. [...] We recommend cropping / padding to a quadratic size and then downsampling (e.g., to 128x128).
+Your task: Experiment with this dataset at your own will, using unconditional / conditional generation."
+
+The loader is given: lab.image_data.load_hf_dataset(name, channels, size, square, cache_dir) calls the sheet's
+load_dataset("huggan/smithsonian_butterflies_subset", cache_dir=..., split="train") (or loads a dataset saved with
+save_to_disk), crops ('crop') or pads ('pad') every photograph to a square and resizes it to size x size; with
+config.dataset == "butterflies", lab.image_data.load_data uses it. The photographs have no classes. Install the
+datasets library with requirements-butterflies.txt. Run as python train_butterflies.py.
+"""
+
+
+def main() -> None:
+    raise NotImplementedError("sheet 2, exercise 2.5: your experiment with the butterflies")
+
+
+if __name__ == "__main__":
+    main()
+''',
 }
 REPLACED = ("README.txt", "answers.txt")       # written anew: the students' README and the answers template
 SKIPPED_DIRS = {".git", "__pycache__", ".pytest_cache", "data", "runs", "scratch", ".cache", ".devdata"}
@@ -537,6 +558,10 @@ def student_readme(regions_by_file: Dict[str, List[Region]]) -> str:
         "machine with a GPU, leave out nothing: `.venv/bin/pip install -r requirements-oldest.txt` pulls the CUDA",
         "libraries torch needs.",
         "",
+        "Only for sheet 2, 2.5 (optional, the butterflies), the datasets library on top (add --no-deps on 3.8):",
+        "",
+        "  .venv/bin/pip install -r requirements-butterflies.txt",
+        "",
         "",
         "How to run",
         "----------",
@@ -546,6 +571,7 @@ def student_readme(regions_by_file: Dict[str, List[Region]]) -> str:
         "  .venv/bin/python train_cifar10.py               the same for CIFAR-10, writes log_cifar10/",
         "  .venv/bin/python train_mnist.py --help          every setting (--data-root, --epochs, --subset N, ...)",
         "  .venv/bin/python -m tools.visualize             your visualisation helpers (sheet 2, 2.2 f)",
+        "  .venv/bin/python train_butterflies.py           your experiment with the butterflies (sheet 2, 2.5)",
         "",
         "",
         "How to test",

@@ -75,6 +75,8 @@ def test_the_benchmarks_csv_is_what_the_speed_tables_read(tmp_path, monkeypatch)
     result = {"machine": "Some CPU (AVX2, no native bf16), torch 2.x", "device": "Some CPU CPU, 2 threads",
               "config": "mnist", "n_features": 32, "guidance": 1.0, "fast_path": {"plain": "", "fast": ""},
               "train_img_s": {128: {"plain": 50.0, "fast": 100.0}},
+              "step_memory_mib": {128: {"plain": {"activations": 300.0, "state": 13.7},
+                                        "fast": {"activations": 160.0, "state": 13.7}}},
               "sample_img_s": {"ddpm400": {"plain": 0.25, "fast": 0.5}, "ddim50": {"plain": 2.0, "fast": 4.0},
                                "dpm++2m20": {"plain": 5.0, "fast": 10.0}, "ddim20": {"plain": 5.0, "fast": 10.0}},
               "evaluate_ddpm400_img_s": {"250 per call": 0.4, "80 per call": 0.6}}
@@ -86,6 +88,7 @@ def test_the_benchmarks_csv_is_what_the_speed_tables_read(tmp_path, monkeypatch)
     table = "\n".join(doc_tables.render("speed speed.csv"))
     assert "`python -m tools.bench --quick`" in table and "8 steps timed, scaled" in table
     assert "2.00x / 2.00x" in table and "- / 1.50x" in table             # fast vs plain; 80 vs 250 per call
+    assert "| s/step" in table and "| activations MiB" in table and "2.56" in table and "160" in table
 
 
 @pytest.mark.parametrize("path", DOCUMENTS)

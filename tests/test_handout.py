@@ -237,7 +237,8 @@ def test_staff_tools_run_as_modules_from_the_root_and_as_files_from_anywhere(tmp
 
 STUDENT_FILES = {
     ".gitignore", "README.txt", "answers.txt", "ddpm.py", "training.py", "train_mnist.py", "train_cifar10.py",
-    "utils.py", "requirements.txt", "requirements-oldest.txt", "networks/__init__.py",
+    "train_butterflies.py", "utils.py", "requirements.txt", "requirements-oldest.txt", "requirements-butterflies.txt",
+    "networks/__init__.py",
     "networks/Conditional_UNet.py", "lab/__init__.py", "lab/checkpoints.py", "lab/cli.py", "lab/ema.py",
     "lab/few_step.py", "lab/generation.py", "lab/image_data.py", "lab/mixtures.py", "lab/run_files.py",
     "lab/speed.py",
@@ -250,6 +251,8 @@ def test_the_student_copy_holds_what_the_tasks_need_and_nothing_else(handout_dir
     assert set(handout.repository_files(handout_dir)) == STUDENT_FILES
     visualize = handout.read_text(os.path.join(handout_dir, "tools", "visualize.py"))
     assert "Implement visualization helpers" in visualize and "NotImplementedError" in visualize
+    butterflies = handout.read_text(os.path.join(handout_dir, "train_butterflies.py"))
+    assert "Butterfly dataset" in butterflies and "NotImplementedError" in butterflies
 
 
 def test_handout_readme_sets_up_both_pythons_names_the_misprint_and_the_points(handout_dir):

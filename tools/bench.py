@@ -5,10 +5,14 @@
     python -m tools.bench --compile  # also torch.compile, on CUDA also CUDA graphs (warm-up excluded from the timing)
     python -m tools.bench --devices cuda --configs cifar10 --batch-sizes 128 256 512 --compile     # on a GPU
     python -m tools.bench --complete # time complete sampling runs instead of scaling a few timed steps
+    python -m tools.bench --configs butterflies-64 butterflies-128 --batch-sizes 64 --guidance 0 --per-class 20
+                                     # sheet 2, 2.5: the unconditional U-Net at 64 and 128 px, a grid of 20 images
     python -m tools.bench --quick --csv docs/speed/NAME.csv   # also write the tables as CSV (docs/speed.md reads them)
 
 Training: full steps of the real training loop (``training.training_step``: forward, loss, backward, Adam, EMA)
-on batches drawn from an in-memory uint8 tensor on the device, after warm-up. Sampling: ``DDPM.sample`` for
+on batches drawn from an in-memory uint8 tensor on the device, after warm-up, and the memory of one step: the
+activations its forward pass keeps for the backward pass (``step_memory``; on CUDA also the peak the allocator
+reached). Sampling: ``DDPM.sample`` for
 4 images per class with guidance w = 1 (conditional and unconditional halves; --guidance 0 needs only the
 first), with the sheet's 400-step DDPM sampler and DDIM at 50 and 20 steps. Each step is one network call on
 the same batch, so by default a run of a few steps is timed and scaled to the whole run; --complete times
@@ -36,11 +40,15 @@ from lab.checkpoints import network_from_config
 from lab.cli import OneLineParser, add_guidance_flag, tool_flags
 from lab.generation import SamplingModel, generate, sampling_model
 from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, cpu_model, use_backend_settings
-from lab.train_config import GEOMETRY, MNIST, SCRIPT_DEFAULTS
+from lab.train_config import BUTTERFLIES, GEOMETRY, MNIST, SCRIPT_DEFAULTS
 from training import Ranks, build_run, training_step
 from utils import write_rows_csv
 
-CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("cifar10", 64)}
+CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("cifar10", 64),
+           "butterflies-64": ("butterflies-64", 32), "butterflies-128": ("butterflies-128", 32)}
+# the image geometry of each measured data: the built-in datasets, and the butterflies (no classes) at two sizes
+DATA = {**GEOMETRY, **{f"butterflies-{size}": dict(in_channels=3, image_size=size, n_classes=1) for size in (64, 128)}}
+DEFAULT_CONFIGS = ("mnist", "cifar10", "cifar10-f64")      # without --configs; the butterflies only when named
 SAMPLERS = (("ddpm", 400), ("ddim", 50), ("dpm++2m", 20), ("ddim", 20))
 
 
@@ -72,15 +80,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def training_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, batch_size: int, steps: int):
-    """A generator: the first next() builds and warms up; each further next() times ``steps`` steps -> images/s."""
-    config = replace(MNIST, dataset=dataset, n_features=n_features, batch_size=batch_size, device=device.type,
-                     flip=dataset == "cifar10", **GEOMETRY[dataset])
+def script_defaults(dataset: str):
+    """The training script's settings for a measured data (the butterflies at any size: train_butterflies.py's)."""
+    return BUTTERFLIES if dataset.startswith("butterflies") else SCRIPT_DEFAULTS[dataset]
+
+
+def benchmark_run(dataset: str, n_features: int, device: torch.device, path: FastPath, batch_size: int):
+    """A training run of the script's settings at this size, and 4 batches of random images (uint8) and labels."""
+    base = MNIST if dataset in GEOMETRY else script_defaults(dataset)
+    config = replace(base, n_features=n_features, batch_size=batch_size, device=device.type,
+                     flip=dataset != "mnist", **DATA[dataset])
     run = build_run(config, Ranks(), device, path)
     generator = torch.Generator().manual_seed(0)
     shape = (batch_size * 4, config.in_channels, config.image_size, config.image_size)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device)
-    labels = torch.randint(0, 10, (len(images),), generator=generator).to(device)
+    labels = torch.randint(0, config.n_classes, (len(images),), generator=generator).to(device)
+    return run, images, labels
+
+
+def training_rounds(dataset: str, n_features: int, device: torch.device, path: FastPath, batch_size: int, steps: int):
+    """A generator: the first next() builds and warms up; each further next() times ``steps`` steps -> images/s."""
+    run, images, labels = benchmark_run(dataset, n_features, device, path, batch_size)
     batches = [torch.arange(i * batch_size, (i + 1) * batch_size, device=device) for i in range(4)]
     for step in range(3):                                  # warm-up (and compilation, graph capture)
         training_step(run, images[batches[step]], labels[batches[step]])
@@ -96,18 +116,48 @@ def training_rounds(dataset: str, n_features: int, device: torch.device, path: F
         yield batch_size * steps / (time.perf_counter() - started)
 
 
+def step_memory(dataset: str, n_features: int, device: torch.device, path: FastPath, batch_size: int) -> dict:
+    """The memory of one training step after a warm-up step, in MiB: ``activations``, the tensors its forward
+    pass keeps for the backward pass (distinct storages, the weights and their low-precision copies left out:
+    what grows with batch and image size), ``state``, the fp32 weights, gradients, Adam's two moments and the EMA
+    copy (5 x 4 bytes per parameter), and on CUDA ``cuda_peak``, the most the allocator held during the step."""
+    run, images, labels = benchmark_run(dataset, n_features, device, path, batch_size)
+    batch = torch.arange(batch_size, device=device)
+    training_step(run, images[batch], labels[batch])
+    weights = {parameter.untyped_storage().data_ptr() for parameter in run.model.nn_model.parameters()}
+    kept = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights and not (tensor.requires_grad and tensor.is_leaf):
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        training_step(run, images[batch], labels[batch])
+    mib = 2 ** 20
+    parameters = sum(parameter.numel() for parameter in run.model.nn_model.parameters())
+    memory = {"activations": sum(kept.values()) / mib, "state": 5 * 4 * parameters / mib}
+    if device.type == "cuda":
+        synchronize(device)
+        memory["cuda_peak"] = torch.cuda.max_memory_allocated(device) / mib
+    return memory
+
+
 def untrained_network(dataset: str, n_features: int, device: torch.device, path: FastPath) -> torch.nn.Module:
     """The U-Net of a config with the same random weights every time (seed 0), in eval mode on ``path``: the bare
     network for the plain path, else ``FastInference`` around it."""
     torch.manual_seed(0)
-    network = network_from_config(dict(GEOMETRY[dataset], n_features=n_features)).to(device).eval()
+    network = network_from_config(dict(DATA[dataset], n_features=n_features)).to(device).eval()
     return network if path == FastPath() else FastInference(network, path)
 
 
 def benchmark_model(dataset: str, n_features: int, device: torch.device, path: FastPath,
                     chunk_size: int) -> SamplingModel:
     """``untrained_network`` in a DDPM with the script's schedule, sampling ``chunk_size`` images per call."""
-    config = dict(dataclasses.asdict(SCRIPT_DEFAULTS[dataset]), **GEOMETRY[dataset], n_features=n_features)
+    config = dict(dataclasses.asdict(script_defaults(dataset)), **DATA[dataset], n_features=n_features)
     return sampling_model(untrained_network(dataset, n_features, device, path), config, device, chunk_size)
 
 
@@ -116,9 +166,10 @@ def sampling_rounds(dataset: str, n_features: int, device: torch.device, path: F
     """Like ``training_rounds`` for one guided sampling run of ``per_class`` images per class with ``steps`` steps
     of ``sampler`` and guidance weight ``guidance`` (w = 0 needs no unconditional half); each round yields
     images/s."""
-    labels = class_grid_labels(range(10), per_class).to(device)
+    n_classes = DATA[dataset]["n_classes"]
+    labels = class_grid_labels(range(n_classes), per_class).to(device)
     model = benchmark_model(dataset, n_features, device, path, len(labels))
-    conditions = F.one_hot(labels, 10).float()
+    conditions = F.one_hot(labels, n_classes).float()
 
     def run(name: str, n_steps: int) -> None:
         generate(model, conditions, guidance, sampler=name, steps=None if name == "ddpm" else n_steps)
@@ -139,7 +190,7 @@ def evaluation_rounds(dataset: str, n_features: int, device: torch.device, path:
                       steps: int, guidance: float):
     """Like ``sampling_rounds`` for ``n_images`` images sampled the way tools/evaluate.py does (``generation.generate``,
     ``path.sample_chunk`` images per call) with ``steps`` DDIM steps; each round yields images/s."""
-    geometry = GEOMETRY[dataset]
+    geometry = DATA[dataset]
     model = benchmark_model(dataset, n_features, device, path, path.sample_chunk)
     conditions = F.one_hot(torch.arange(n_images) % geometry["n_classes"], geometry["n_classes"]).float()
     use_backend_settings(path)
@@ -174,11 +225,13 @@ def device_name(device: torch.device) -> str:
 
 def measure(device: torch.device, config_name: str, args) -> dict:
     dataset, n_features = CONFIGS[config_name]
-    chosen = variants(device, GEOMETRY[dataset]["in_channels"], not args.quick, args.compile, args.emulated_bf16)
-    train = {}
+    chosen = variants(device, DATA[dataset]["in_channels"], not args.quick, args.compile, args.emulated_bf16)
+    train, memory = {}, {}
     for batch_size in args.batch_sizes:
         train[batch_size] = alternate({name: (lambda p=path, b=batch_size: training_rounds(
             dataset, n_features, device, p, b, args.train_steps)) for name, path in chosen.items()}, args.rounds)
+        memory[batch_size] = {name: step_memory(dataset, n_features, device, path, batch_size)
+                              for name, path in chosen.items()}
     sample = {}
     for sampler, steps in SAMPLERS:
         timed = steps if args.complete else min(steps, args.timed_steps)
@@ -202,7 +255,7 @@ def measure(device: torch.device, config_name: str, args) -> dict:
         args.rounds)
     return {"device": device_name(device), "config": config_name, "n_features": n_features, "guidance": args.guidance,
             "fast_path": {name: path.describe() for name, path in chosen.items()},
-            "train_img_s": train, "sample_img_s": sample,
+            "train_img_s": train, "step_memory_mib": memory, "sample_img_s": sample,
             "evaluate_ddpm400_img_s": {name: rate * args.eval_steps / 400 for name, rate in evaluation.items()}}
 
 
@@ -217,6 +270,12 @@ def print_table(result: dict) -> None:
         row = f"  {name:<24}" + "".join(f"{result['train_img_s'][b][name]:>18.1f}" for b in batch_sizes)
         row += "".join(f"{result['sample_img_s'][key][name]:>17.2f}" for key in result["sample_img_s"])
         print(row)
+    for batch_size in batch_sizes:
+        rates, memory = result["train_img_s"][batch_size], result["step_memory_mib"][batch_size]
+        print(f"  a training step of {batch_size} images: " + ", ".join(
+            f"{name} {batch_size / rates[name]:.3g} s, activations {memory[name]['activations']:.0f} MiB"
+            + (f", CUDA peak {memory[name]['cuda_peak']:.0f} MiB" if "cuda_peak" in memory[name] else "")
+            for name in names) + f"; weights, gradients, Adam and EMA {memory[names[0]]['state']:.0f} MiB")
     train, sample = result["train_img_s"][batch_sizes[0]], result["sample_img_s"]
     print(f"  fast/plain: training x{train['fast'] / train['plain']:.2f} (batch {batch_sizes[0]}), sampling "
           f"x{sample['ddpm400']['fast'] / sample['ddpm400']['plain']:.2f}; DDIM-50 fast vs DDPM-400 plain "
@@ -227,12 +286,13 @@ def print_table(result: dict) -> None:
 
 
 CSV_COLUMNS = ("machine", "device", "command", "config", "n_features", "guidance", "timing", "path", "batch_size",
-               "train_img_s", *(f"{sampler}{steps}_img_s" for sampler, steps in SAMPLERS))
+               "train_img_s", "step_s", "activations_mib", "state_mib", "cuda_peak_mib",
+               *(f"{sampler}{steps}_img_s" for sampler, steps in SAMPLERS))
 
 
 def csv_rows(result: dict, command: str, complete: bool, timed_steps: int) -> list[dict]:
-    """The rows of one ``measure`` result for --csv: one per path and training batch size (images/s of training and
-    of each sampler), then one per tools/evaluate.py-style run (path 'evaluate.py-style, N per call', its images/s
+    """The rows of one ``measure`` result for --csv: one per path and training batch size (images/s of training,
+    seconds and memory of a step, images/s of each sampler), then one per tools/evaluate.py-style run (path 'evaluate.py-style, N per call', its images/s
     scaled to the DDPM sampler's 400 steps)."""
     common = {"machine": result["machine"], "device": result["device"], "command": command,
               "config": result["config"], "n_features": result["n_features"], "guidance": result["guidance"],
@@ -240,7 +300,10 @@ def csv_rows(result: dict, command: str, complete: bool, timed_steps: int) -> li
     rows = []
     for batch_size, train in result["train_img_s"].items():
         for name in result["fast_path"]:
-            row = dict(common, path=name, batch_size=batch_size, train_img_s=round(train[name], 1))
+            memory = result["step_memory_mib"][batch_size][name]
+            row = dict(common, path=name, batch_size=batch_size, train_img_s=round(train[name], 1),
+                       step_s=round(batch_size / train[name], 3), activations_mib=round(memory["activations"]),
+                       state_mib=round(memory["state"], 1), cuda_peak_mib=round(memory.get("cuda_peak", 0)) or "")
             row.update({f"{key}_img_s": round(rates[name], 2) for key, rates in result["sample_img_s"].items()})
             rows.append(row)
     for name, rate in result["evaluate_ddpm400_img_s"].items():
@@ -258,7 +321,8 @@ def main() -> None:
     parser.add_argument("--emulated-bf16", action="store_true", help="also measure bf16 autocast on a CPU "
                         "without native bf16 (11x-28x slower on the AVX2 CPU of docs/speed.md)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
+                        help=f"default: {' '.join(DEFAULT_CONFIGS)} (--quick: mnist cifar10)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128],
                         help="training batches to measure (default: 128, the scripts')")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps per round")
@@ -279,7 +343,7 @@ def main() -> None:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.timed_steps = args.timed_steps or (8 if args.quick else 40)
     args.eval_steps = args.eval_steps or (2 if args.quick else 4)
-    configs = args.configs or (["mnist", "cifar10"] if args.quick else list(CONFIGS))
+    configs = args.configs or (["mnist", "cifar10"] if args.quick else list(DEFAULT_CONFIGS))
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     results = []
     for device in devices:

@@ -244,9 +244,11 @@ def study_table(prefix: str) -> list[str]:
 # Speed: the CSVs of python -m tools.bench --csv
 # ----------------------------------------------------------------------------------------------------------------
 
-SPEED_COLUMNS = (("train_img_s", "train img/s", 1), ("ddpm400_img_s", "DDPM-400 img/s", 2),
+SPEED_COLUMNS = (("train_img_s", "train img/s", 1), ("step_s", "s/step", 2), ("activations_mib", "activations MiB", 0),
+                 ("cuda_peak_mib", "CUDA peak MiB", 0), ("ddpm400_img_s", "DDPM-400 img/s", 2),
                  ("ddim50_img_s", "DDIM-50 img/s", 2), ("dpm++2m20_img_s", "dpm++2m-20 img/s", 2))
-CONFIG_NAMES = {"mnist": "MNIST F=32", "cifar10": "CIFAR-10 F=32", "cifar10-f64": "CIFAR-10 F=64"}
+CONFIG_NAMES = {"mnist": "MNIST F=32", "cifar10": "CIFAR-10 F=32", "cifar10-f64": "CIFAR-10 F=64",
+                "butterflies-64": "butterflies 64 px", "butterflies-128": "butterflies 128 px"}
 
 
 def speed_table(path: str) -> list[str]:

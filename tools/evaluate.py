@@ -31,9 +31,9 @@ from lab.image_data import load_data, to_model_scale
 from lab.judge import (ARCHITECTURES, AUGMENTATION, EPOCHS, Classifier, classify, default_classifier_path,
                        save_classifier, train_classifier)
 from lab.metrics import class_accuracy
-from lab.speed import FastPath
 from lab.sample_quality import ALL_TEST_IMAGES, evaluate_model, format_table, images_per_weight, write_table
-from lab.train_config import SCRIPT_DEFAULTS
+from lab.speed import FastPath
+from lab.train_config import BUILT_IN, SCRIPT_DEFAULTS, is_unconditional
 from training import resolve_config
 
 
@@ -66,6 +66,10 @@ def run_metrics(args: argparse.Namespace) -> list[dict]:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be positive, got {args.chunk_size}")
     model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights, args.compile)
+    if is_unconditional(model.config["drop_prob"]) or model.config.get("dataset") not in BUILT_IN:
+        raise ValueError(f"{args.checkpoint} is a model of {model.config.get('dataset')!r} "
+                         f"(p_uncond = {model.config['drop_prob']}); the metrics judge the classes of MNIST and "
+                         f"CIFAR-10 only")
     csv_path = args.csv or default_csv_path(args, model.n_timesteps)
     refuse_existing(csv_path, args.overwrite)
     rows = evaluate_model(model, f"{args.checkpoint} ({args.weights} weights)", args.guidance, args.n_per_class,
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-classifier", help="train the judge of a dataset")
     flags = tool_flags(train)
-    train.add_argument("dataset", choices=sorted(SCRIPT_DEFAULTS), help="which dataset's judge")
+    train.add_argument("dataset", choices=sorted(BUILT_IN), help="which dataset's judge")
     flags.add("epochs", type=int, help=f"the classifier's training epochs (default: {EPOCHS})")
     flags.add("batch_size", type=int, default=128, help="the classifier's training batch (default: 128)")
     train.add_argument("--no-fast", dest="fast", action="store_false",

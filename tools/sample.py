@@ -1,5 +1,8 @@
 """Sample a trained conditional DDPM: classes, or a mixture of classes (sheet 1: guiding towards a mixture).
 
+An unconditional model (trained with p_uncond = 1, like train_butterflies.py's) has no classes: it draws --n images
+with the null class c = 0, where eq. 5 gives eps(y_t, t, 0) for every w (so w = 0 is used).
+
     python -m tools.sample --checkpoint CKPT [--classes 3 7 | --mix 3:0.5,8:0.5 [--compose]] [--n 8] [--guidance 2]
                      [--sampler ddpm|ddim|dpm++2m] [--steps S] [--eta 0] [--clip-denoised] [--seed 0]
                      [--weights ema|raw] [--device auto|cpu|cuda|mps] --out out.png [--gif out.gif]
@@ -33,6 +36,7 @@ from lab.cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_
                      tool_flags)
 from ddpm import class_grid_labels
 from lab.generation import animation_states, generate, load_for_sampling
+from lab.train_config import is_unconditional
 
 MAX_GRID_COLUMNS = 8                       # a mixture's n images are laid out row-major, this many per row
 
@@ -185,6 +189,15 @@ def requested_conditions(args: argparse.Namespace, n_classes: int) -> tuple[torc
     return conditions, proportions, len(classes), f"{args.n} images each of classes {' '.join(map(str, classes))}"
 
 
+def unconditional_conditions(args: argparse.Namespace, n_classes: int) -> tuple[torch.Tensor, tuple, int, str]:
+    """What ``requested_conditions`` gives for an unconditional model: --n null-class vectors c = 0."""
+    if args.classes is not None or args.mix is not None:
+        raise ValueError(f"{args.checkpoint} is an unconditional model (trained with p_uncond = 1): it has no "
+                         f"classes to choose; leave out --classes and --mix")
+    return (torch.zeros(1, args.n, n_classes), (1.0,), min(args.n, MAX_GRID_COLUMNS),
+            f"{args.n} images of the unconditional model (c = 0)")
+
+
 def sampler_settings(args: argparse.Namespace) -> dict:
     """The sampler flags as keyword arguments of ``generation.generate``."""
     return dict(sampler=args.sampler, steps=args.sample_steps, eta=args.eta, clip_denoised=args.clip_denoised,
@@ -199,7 +212,11 @@ def run(args: argparse.Namespace) -> None:
         parse_mixture(args.mix)                         # syntax errors before the (slow) model load
     started = time.perf_counter()
     model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights, args.compile)
-    conditions, proportions, columns, description = requested_conditions(args, model.n_classes)
+    if is_unconditional(model.config["drop_prob"]):
+        conditions, proportions, columns, description = unconditional_conditions(args, model.n_classes)
+        args.guidance = 0.0                             # eq. 5 at c = 0 is eps(y_t, t, 0) whatever w is
+    else:
+        conditions, proportions, columns, description = requested_conditions(args, model.n_classes)
     keep = animation_states(model.ddpm, args.sampler, args.sample_steps, args.spacing) if args.gif else ()
     images, frames = generate(model, conditions, args.guidance, proportions, keep=keep, **sampler_settings(args))
     save_grid(images, args.out, columns)

@@ -22,7 +22,7 @@ from lab.checkpoints import load_checkpoint
 from lab.cli import (OneLineParser, add_checkpoint_flags, add_count_flag, add_data_flags, add_out_flag,
                      add_sampler_flags, add_seed_flag, exit_on_error, resolve_device, tool_flags)
 from lab.generation import SamplingModel, generate, load_for_sampling
-from lab.image_data import load_builtin, load_image_folder, to_model_scale
+from lab.image_data import load_builtin, load_data, load_image_folder, to_model_scale
 from tools.sample import (add_model_flags, check_classes, check_sampling_arguments, class_conditions,
                           composed_mixture_conditions, convex_mixture_conditions, make_parent_folder, sampler_settings)
 from lab.train_config import GEOMETRY, TrainConfig
@@ -74,7 +74,11 @@ def real_image(args: argparse.Namespace, config: dict) -> torch.Tensor:
         dataset, image_folder = args.dataset or config.get("dataset", "mnist"), args.image_folder
     else:
         dataset, image_folder = config.get("dataset", "mnist"), config.get("image_folder")
-    if image_folder:
+    if dataset not in GEOMETRY:             # the butterflies: the run's photographs, made square as it made them
+        saved = {key: value for key, value in config.items() if key in TrainConfig.__dataclass_fields__}
+        given = {"image_folder": image_folder, **({"cache_dir": args.cache_dir} if args.cache_dir is not None else {})}
+        images = load_data(TrainConfig(**{**saved, **given}))[0].images
+    elif image_folder:
         channels = config.get("in_channels", GEOMETRY[dataset]["in_channels"])
         size = config.get("image_size", GEOMETRY[dataset]["image_size"])
         cache = args.cache_dir if args.cache_dir is not None else config.get("cache_dir", "")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -129,19 +130,41 @@ def run_job(job: dict, memory_bytes: int) -> None:
 SANDBOX_SCRATCH = ("/tmp", "/dev/shm")     # the sandbox's writable places besides the job's own folder
 
 
+def mount_points() -> set:
+    """The mount points this process sees (/proc/self/mountinfo's fifth field, octal escapes decoded)."""
+    try:
+        with open("/proc/self/mountinfo") as file:
+            fields = [line.split() for line in file]
+    except OSError:
+        return set()
+    return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), f[4]) for f in fields if len(f) > 4}
+
+
+def remove_except_mounts(path: str, mounts: set) -> None:
+    """Delete ``path`` (file, link or folder tree), but keep every mount point inside it and the folders that
+    lead to one: the read-only binds of the grader's Python or repository when these lie under /tmp."""
+    import shutil
+    if path in mounts:
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        if any(mount.startswith(path + os.sep) for mount in mounts):
+            for entry in os.listdir(path):
+                remove_except_mounts(os.path.join(path, entry), mounts)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def fresh_scratch() -> None:
     """Empty the sandbox's /tmp and /dev/shm and make the jobs' HOME (/tmp/home) anew."""
-    import shutil
+    mounts = mount_points()
     for folder in SANDBOX_SCRATCH:
         for entry in os.listdir(folder) if os.path.isdir(folder) else []:
-            path = os.path.join(folder, entry)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            remove_except_mounts(os.path.join(folder, entry), mounts)
     os.makedirs(os.environ.get("HOME", "/tmp/home"), exist_ok=True)
 
 

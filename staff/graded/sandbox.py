@@ -74,13 +74,16 @@ def arguments(slot: str) -> List[str]:
             args += ["--ro-bind", folder, folder]
     for name in ETC_FILES:
         args += ["--ro-bind-try", os.path.join("/etc", name), os.path.join("/etc", name)]
+    # The private /tmp comes before the Python folders and the runner's files: a Python or a clone of this
+    # repository under /tmp (a CI checkout, say) is then bound into the private /tmp instead of hidden by it.
+    args += ["--tmpfs", "/tmp"]
     for folder in python_folders():
         if not any(inside(folder, system) for system in SYSTEM_FOLDERS):
             args += ["--ro-bind", folder, folder]
     for path in RUNNER_FILES:
         args += ["--ro-bind", os.path.join(REPO, path), os.path.join(REPO, path)]
     args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-             "--tmpfs", "/tmp", "--bind", slot, SLOT, "--chdir", "/tmp", "--remount-ro", "/"]
+             "--bind", slot, SLOT, "--chdir", "/tmp", "--remount-ro", "/"]
     return args
 
 

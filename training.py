@@ -30,8 +30,8 @@ from lab.cli import resolve_device, training_parser
 from lab.ema import EMA
 from lab.generation import SamplingModel, sampling_model
 from lab.image_data import ImageSet, load_data, to_model_scale
-from lab.run_files import (RunState, grid_conditions, grid_random_state, grid_states, grids_due, newest_run_checkpoint,
-                           output_folder, real_examples, remove_interrupted_checkpoints, restore,
+from lab.run_files import (RunState, grid_conditions, grid_image_steps, grid_random_state, grid_states, grids_due,
+                           newest_run_checkpoint, output_folder, real_examples, remove_interrupted_checkpoints, restore,
                            sample_grid_few_step, save_interrupted, save_run, write_grid_files, write_loss_files)
 from lab.speed import (FastInference, FastPath, FastTraining, compiled, make_optimizer, mark_step_begin,
                        network_to_channels_last, path_for_run, use_backend_settings)
@@ -134,24 +134,28 @@ def start_ranks(config: TrainConfig) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
-def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: FastPath | None = None) -> Run:
+def build_run(config: TrainConfig, ranks: Ranks, device: torch.device, path: FastPath | None = None,
+              n_images: int = 0) -> Run:
     """The model (same initial weights on every rank), optimizer and EMA, restored from --resume when given.
 
-    ``path`` overrides the fast-path choices that ``config.fast`` implies (tools/bench.py measures each one).
+    ``path`` overrides the fast-path choices that ``config.fast`` implies (tools/bench.py measures each one);
+    without it, the path is the one for a run of ``config.epochs`` epochs over ``n_images`` training images (the
+    whole run, also when resumed, so that a resumed run computes as the uninterrupted one did).
     """
     torch.manual_seed(config.seed)
     model = DDPM.from_config(dataclasses.asdict(config), network_from_config(dataclasses.asdict(config)),
                              device).train()
     if path is None:
         path = path_for_run(device, config.in_channels, config.fast, config.compile, config.precision,
-                            ranks.distributed)
+                            ranks.distributed, training_images=config.epochs * n_images,
+                            sampled_image_steps=grid_image_steps(config))
     network_to_channels_last(model.nn_model, path.train_channels_last)
     optimizer = make_optimizer(model.nn_model.parameters(), config.lr, path)
     ema = EMA(model.nn_model, config.ema_decay) if config.ema_decay > 0 else None
     state = restore(config.resume, model.nn_model, optimizer, ema, device) if config.resume else RunState()
     if ranks.distributed:
         torch.manual_seed(config.seed + 1_000_003 * ranks.rank + 1009 * state.epoch + state.step)
-    trainer = DDPM.from_config(dataclasses.asdict(config), compiled(FastTraining(model.nn_model, path), path),
+    trainer = DDPM.from_config(dataclasses.asdict(config), compiled(FastTraining(model.nn_model, path), path.compile_training),
                                device).train()
     if ranks.distributed:
         # BatchNorm is not synchronised (SyncBatchNorm would add an all-reduce per layer and runs on GPUs only):
@@ -180,7 +184,7 @@ def train(config: TrainConfig) -> DDPM:
     out, notice = output_folder(config)
     config = dataclasses.replace(config, out=out)
     train_set, test_set = load_data(config)
-    run = build_run(config, ranks, device)
+    run = build_run(config, ranks, device, n_images=len(train_set))
     images, labels = train_set.images.to(device), train_set.labels.to(device)
     real = real_examples(train_set, config.n_sample, config.n_classes).to(device)
     with StopRequested() as stop:           # from here on a signal stops the run at a step, with a checkpoint
@@ -190,9 +194,9 @@ def train(config: TrainConfig) -> DDPM:
                 print(notice)
             if config.resume:
                 print(f"resumed {config.resume}: {run.state.epoch} epochs and {run.state.step} steps done")
-            print(f"training on {len(train_set)} images ({device} x {ranks.world_size}, fast path: "
-                  f"{run.path.describe()}), {count_parameters(run.model.nn_model)} parameters, {config.epochs} "
-                  f"epochs, batch {config.batch_size} per rank, writing to {config.out}", flush=True)
+            print(f"training on {len(train_set)} images ({device} x {ranks.world_size}), "
+                  f"{count_parameters(run.model.nn_model)} parameters, {config.epochs} epochs, batch "
+                  f"{config.batch_size} per rank, writing to {config.out}\n{run.path.announce()}", flush=True)
         for epoch in range(run.state.epoch, config.epochs):
             started = time.perf_counter()
             mean_loss, steps_done, images_seen = train_one_epoch(run, images, labels, epoch, stop)
@@ -363,7 +367,7 @@ def model_for_sampling(run: Run) -> SamplingModel:
     A compiled run compiles its sampling network once: around the EMA module itself (which only ever samples),
     with BatchNorm left unfolded so that each epoch's EMA weights are read in place.
     """
-    if run.path.compile and run.ema is not None:
+    if run.path.compile_sampling and run.ema is not None:
         if run.sampling_network is None:
             run.sampling_network = FastInference(run.ema.module, dataclasses.replace(run.path, fold_batchnorm=False),
                                                  copy=False)

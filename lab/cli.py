@@ -119,9 +119,23 @@ def add_judging_flags(flags: Flags) -> None:
 
 
 def add_compile_flag(flags: Flags) -> None:
-    """--compile for a tool that samples: torch.compile the sampling network (CUDA graphs on CUDA)."""
-    flags.switch("compile", help="torch.compile the sampling network, on CUDA with CUDA graphs (mode "
-                                 "'reduce-overhead'); pays off for long runs, compiling takes tens of seconds")
+    """--compile / --no-compile: torch.compile the U-Net always / never; with neither, the fast path's rule
+    compiles where the run is long enough to repay it (lab/speed.py, docs/speed.md)."""
+    group = flags.parser.add_mutually_exclusive_group()
+    default = argparse.SUPPRESS if flags.defaults is not None else None
+    group.add_argument("--compile", dest="compile", action="store_const", const=True, default=default,
+                       help="torch.compile the U-Net, on CUDA with CUDA graphs (mode 'reduce-overhead'); default: "
+                            "where this machine's rule says the run repays the tens of seconds of compiling")
+    group.add_argument("--no-compile", dest="compile", action="store_const", const=False, default=default,
+                       help="keep the U-Net eager")
+
+
+def add_fast_path_flags(flags: Flags) -> None:
+    """--no-fast and --compile/--no-compile for a tool that samples."""
+    flags.parser.add_argument("--no-fast", dest="fast", action="store_false",
+                              help="sample on the plain path (fp32, eager, 250 images per call) instead of this "
+                                   "machine's fast path (lab/speed.py)")
+    add_compile_flag(flags)
 
 
 def data_flags(args: argparse.Namespace) -> dict:
@@ -155,7 +169,8 @@ def training_parser(defaults: TrainConfig, description: str) -> argparse.Argumen
     parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
     flags = Flags(parser, defaults)
     groups = {"image_folder": lambda group: add_data_flags(group, defaults.dataset in BUILT_IN),
-              "device": add_device_flag, "seed": add_seed_flag, "sampler": add_sampler_flags}
+              "device": add_device_flag, "seed": add_seed_flag, "sampler": add_sampler_flags,
+              "compile": add_compile_flag}
     grouped = {"data_root", "image_folder", "cache_dir", "device", "seed", "sampler", "sample_steps", "eta",
                "spacing", "clip_denoised"}
     for item in flag_fields(defaults.dataset):

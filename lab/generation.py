@@ -18,7 +18,7 @@ from ddpm import DDPM, frame_timesteps
 from lab import few_step
 from lab.checkpoints import load_network
 from lab.mixtures import composed_noise
-from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath
+from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, path_for_run
 
 DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20}   # steps of the few-step samplers when none are asked for
 
@@ -114,12 +114,32 @@ def sampling_model(network: torch.nn.Module, config: dict, device: torch.device,
     return SamplingModel(SamplingDDPM.from_config(config, network, device), config, chunk_size)
 
 
-def load_for_sampling(path: str, device: torch.device, weights: str = "ema",
-                      compile_sampler: bool = False) -> SamplingModel:
-    """A checkpoint's network ('ema' weights when kept, or 'raw') on the default fast path of ``device``."""
+def load_for_sampling(path: str, device: torch.device, weights: str = "ema", compile: bool | None = None,
+                      sampled_image_steps: int | None = None, fast: bool = True) -> SamplingModel:
+    """A checkpoint's network ('ema' weights when kept, or 'raw') on the default fast path of ``device`` for a
+    run that samples ``sampled_image_steps`` (images x sampler steps; ``sampling_path``)."""
     network, config = load_network(path, weights)
-    path_choices = FastPath.for_machine(device, config["in_channels"], compile_sampler)
-    return sampling_model(FastInference(network.to(device), path_choices), config, device, path_choices.sample_chunk)
+    return fast_sampling_model(network.to(device), config, device,
+                               sampling_path(device, config, fast, compile, sampled_image_steps))
+
+
+def sampling_path(device: torch.device, config: dict, fast: bool = True, compile: bool | None = None,
+                  sampled_image_steps: int | None = None) -> FastPath:
+    """The path of a sampling run of ``sampled_image_steps`` with a model of this training config: the machine's
+    fast path, compiled where --compile/--no-compile say or, with neither, where the run repays compiling; the
+    plain path with --no-fast (``fast``), compiled only with --compile."""
+    return path_for_run(device, config["in_channels"], fast, compile, "auto",
+                        sampled_image_steps=sampled_image_steps)
+
+
+def fast_sampling_model(network: torch.nn.Module, config: dict, device: torch.device, path: FastPath) -> SamplingModel:
+    """A SamplingModel around ``network`` (on ``device``) run as ``path`` says (``FastInference``)."""
+    return sampling_model(FastInference(network, path), config, device, path.sample_chunk)
+
+
+def sampled_image_steps(sampler: str, steps: int | None, n_timesteps: int, n_images: int) -> int:
+    """Images x network-calling steps of sampling ``n_images`` with a sampler (``sampler_steps``)."""
+    return n_images * (sampler_steps(sampler, steps, n_timesteps) or n_timesteps)
 
 
 def sampler_steps(sampler: str, steps: int | None, n_timesteps: int) -> int | None:

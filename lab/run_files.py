@@ -29,7 +29,7 @@ from tqdm import tqdm
 import utils
 from ddpm import class_grid_labels
 from lab.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from lab.generation import SamplingModel, animation_states, generate
+from lab.generation import SamplingModel, animation_states, generate, sampled_image_steps
 from lab.image_data import ImageSet, to_model_scale
 from lab.speed import load_optimizer_state
 from lab.train_config import TrainConfig
@@ -252,6 +252,14 @@ def grids_due(config: TrainConfig, epoch: int) -> tuple[bool, bool]:
     """(a sample grid, a GIF) after this 1-based epoch: on the sheet's cadence, and always after the last one."""
     last = epoch == config.epochs
     return epoch % config.sample_every == 0 or last, epoch % config.gif_every == 0 or last
+
+
+def grid_image_steps(config: TrainConfig) -> int:
+    """Images x sampler steps of all the grids and GIFs a run samples (``grids_due``): what decides whether
+    compiling its sampling network repays the compile time (lab/speed.py's rules)."""
+    due = sum(any(grids_due(config, epoch)) for epoch in range(1, config.epochs + 1))
+    images = due * len(config.guidance) * config.n_sample * config.n_classes
+    return sampled_image_steps(config.sampler, config.sample_steps, config.timesteps, images)
 
 
 @contextlib.contextmanager

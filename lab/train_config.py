@@ -92,7 +92,9 @@ class TrainConfig:
                                "folding); --no-fast: plain fp32 eager")
     precision: str = setting("auto", "arithmetic of the U-Net: fp32, bf16 (autocast; weights, optimizer, EMA and "
                                      "loss stay fp32) or auto: bf16 where the CPU computes it natively", PRECISIONS)
-    compile: bool = setting(False, "torch.compile the U-Net for training and sampling (CUDA graphs on CUDA)")
+    compile: Optional[bool] = setting(None, "torch.compile the U-Net for training and sampling (CUDA graphs on "
+                                            "CUDA): --compile always, --no-compile never, neither: where the "
+                                            "machine's rule says a run this long repays compiling")
     resume: Optional[str] = setting(None, "checkpoint to continue from, or 'auto' for the newest run of --out "
                                           "(a new run when there is none)")
     overwrite: bool = setting(False, "let a new run write into an --out that holds another run")

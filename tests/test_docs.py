@@ -72,9 +72,10 @@ def test_a_loss_table_reads_its_epochs_and_seconds(tmp_path, monkeypatch):
 
 def test_the_benchmarks_csv_is_what_the_speed_tables_read(tmp_path, monkeypatch):
     bench = pytest.importorskip("tools.bench", reason="a copy without the benchmark (the student handout)")
-    result = {"machine": "Some CPU (AVX2, no native bf16), torch 2.x", "device": "Some CPU CPU, 2 threads",
-              "config": "mnist", "n_features": 32, "guidance": 1.0, "fast_path": {"plain": "", "fast": ""},
-              "train_img_s": {128: {"plain": 50.0, "fast": 100.0}},
+    result = {"machine": "Some CPU (AVX2, no native bf16), torch 2.x", "machine_class": "cpu-avx2",
+              "device": "Some CPU CPU, 2 threads", "config": "mnist", "n_features": 32, "guidance": 1.0,
+              "fast_path": {"plain": "", "fast": ""}, "train_img_s": {128: {"plain": 50.0, "fast": 100.0}},
+              "train_warmup_s": {128: {"plain": 4.0, "fast": 61.5}}, "sample_warmup_s": {"plain": 0.5, "fast": 20.25},
               "step_memory_mib": {128: {"plain": {"activations": 300.0, "state": 13.7},
                                         "fast": {"activations": 160.0, "state": 13.7}}},
               "sample_img_s": {"ddpm400": {"plain": 0.25, "fast": 0.5}, "ddim50": {"plain": 2.0, "fast": 4.0},
@@ -89,6 +90,7 @@ def test_the_benchmarks_csv_is_what_the_speed_tables_read(tmp_path, monkeypatch)
     assert "`python -m tools.bench --quick`" in table and "8 steps timed, scaled" in table
     assert "2.00x / 2.00x" in table and "- / 1.50x" in table             # fast vs plain; 80 vs 250 per call
     assert "| s/step" in table and "| activations MiB" in table and "2.56" in table and "160" in table
+    assert "| warm-up s: train" in table and "61.5" in table and "20.2" in table          # compiling, mostly
 
 
 @pytest.mark.parametrize("path", DOCUMENTS)

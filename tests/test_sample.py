@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -172,6 +173,21 @@ def test_sample_writes_a_class_grid_and_a_gif(checkpoint, tmp_path, capsys):
     assert Image.open(gif).n_frames == T                             # frames after t = T and every t < 8
     printed = capsys.readouterr().out
     assert str(out) in printed and str(gif) in printed and printed.strip().endswith(" s")
+    first = printed.splitlines()[0]                 # the path chosen and the flag that turns it off, first
+    assert first.startswith("sampling 4 images on cpu; fast path: ") and "--no-fast: plain fp32 eager" in first
+
+
+def test_sample_on_the_plain_path_says_so_and_draws_the_same_images_within_rounding(checkpoint, tmp_path, capsys):
+    """--no-fast samples with the plain network (fp32, eager, no folding or sharing): the same grid up to the
+    fast path's rounding (bf16 where the CPU computes it natively, folded BatchNorm)."""
+    outs = {name: tmp_path / f"{name}.png" for name in ("fast", "plain")}
+    for name, out in outs.items():
+        sample.main(["--checkpoint", checkpoint, "--n", "1", "--device", "cpu", "--out", str(out), "--no-compile",
+                     *(["--no-fast"] if name == "plain" else [])])
+    first = capsys.readouterr().out.splitlines()
+    assert first[2].startswith("sampling 10 images on cpu; plain path: 250 images per sampling call")
+    images = {name: torch.from_numpy(np.asarray(Image.open(out), dtype=np.float32)) for name, out in outs.items()}
+    assert (images["fast"] - images["plain"]).abs().mean() < 2        # of 255: the same pictures
 
 
 @pytest.mark.parametrize("extra", [[], ["--compose"], ["--compose", "--sampler", "ddim", "--steps", "2"]])

@@ -1,6 +1,9 @@
 """The fast path: its rules per machine, and that every choice leaves the numbers as they were (exactly where the
 arithmetic is the same, within bf16's rounding where it is not)."""
 import dataclasses
+import os
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,8 +12,9 @@ import torch.nn.functional as F
 from lab.checkpoints import network_from_config
 from lab.generation import SamplingDDPM, generate, sampling_model
 from networks.Conditional_UNet import UNet
-from lab.speed import (CPU_SAMPLE_CHUNK, CUDA_SAMPLE_CHUNK, PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine,
-                       cpu_has_native_bf16, make_optimizer, path_for_run, to_channels_last)
+from lab import speed
+from lab.speed import (CPU_PATH, CUDA_SAMPLE_CHUNK, MACHINE_CLASSES, PLAIN_SAMPLE_CHUNK, RULES, FastInference, FastPath,
+                       Machine, Rule, cpu_has_native_bf16, make_optimizer, path_for_run, to_channels_last)
 from lab.train_config import MNIST
 from training import Ranks, build_run, training_step
 
@@ -28,18 +32,93 @@ def test_rules_follow_the_machines_capabilities_not_its_device_type():
     avx2 = FastPath.for_machine(cpu, 1, machine=machine())
     amx = FastPath.for_machine(cpu, 1, machine=machine(capability="AVX512", bf16=True))
     assert not avx2.bf16_autocast and amx.bf16_autocast                # bf16 only where the CPU has it natively
-    assert avx2.sample_chunk == amx.sample_chunk == CPU_SAMPLE_CHUNK and avx2.share_encoder
-    assert not avx2.train_channels_last and FastPath.for_machine(cpu, 3, machine=machine()).train_channels_last
+    for path, rule in ((avx2, RULES["cpu-avx2"]), (amx, RULES["cpu-bf16"])):   # 1-channel images: channels_last
+        assert path == replace(rule.path, train_channels_last=rule.train_channels_last_grey)  # training as the rule says
+    assert avx2.share_encoder and avx2.fold_batchnorm and avx2.sample_channels_last
     gpu = FastPath.for_machine(torch.device("cuda"), 3, machine=machine("cuda", gpu="NVIDIA H200"))
     assert gpu.fused_adam and not gpu.bf16_autocast and gpu.sample_chunk == CUDA_SAMPLE_CHUNK
-    assert FastPath().sample_chunk == PLAIN_SAMPLE_CHUNK and not FastPath().compile
+    assert FastPath().sample_chunk == PLAIN_SAMPLE_CHUNK and not FastPath().compile_training
 
 
-def test_compile_mode_uses_cuda_graphs_only_on_cuda():
-    assert FastPath.for_machine(torch.device("cpu"), 1, compile=True, machine=machine()).compile == "default"
+def test_each_machine_falls_in_one_class_by_what_it_computes_natively():
+    classes = {machine(): "cpu-avx2", machine(capability="DEFAULT"): "cpu-avx2",
+               machine(capability="AVX512"): "cpu-avx512", machine(capability="AVX512", bf16=True): "cpu-bf16",
+               machine("cuda", gpu="NVIDIA H100"): "cuda", machine("mps"): "mps"}
+    for found, expected in classes.items():
+        assert found.machine_class == expected
+        assert expected in RULES and expected in MACHINE_CLASSES
+
+
+def test_capping_onednn_below_bf16_leaves_no_native_bf16(monkeypatch):
+    """tools/bench.py measures the other CPU classes on one CPU by capping torch's and oneDNN's instruction sets
+    (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA); the capped machine then computes bf16 by emulation."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_native_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert not cpu_has_native_bf16() and Machine.of(torch.device("cpu")).machine_class == "cpu-avx2"
+
+
+def test_a_rule_compiles_only_runs_long_enough_to_repay_it():
+    rule = Rule(FastPath(), compile_training_from=1000, compile_sampling_from=500)
+    assert rule.compiles(None, 999, 500)[:2] == (False, True)
+    training, sampling, note = rule.compiles(None, 10, 10)
+    assert not training and not sampling and "training under 1,000 images" in note and "sampling under 500" in note
+    assert rule.compiles(None, None, 10)[2] == "eager for sampling under 500 image-steps: too short to repay compiling"
+    assert rule.compiles(True, 0, 0) == (True, True, "") and rule.compiles(False, 10 ** 9, 10 ** 9) == (False, False, "")
+    assert Rule(FastPath()).compiles(None, 10 ** 9, 10 ** 9) == (False, False, "")     # a rule without compiling
+
+
+def test_compile_mode_uses_cuda_graphs_only_on_cuda(monkeypatch):
+    monkeypatch.setattr(speed, "compile_problem", lambda: "")
+    cpu_path = FastPath.for_machine(torch.device("cpu"), 1, compile=True, machine=machine())
+    assert cpu_path.compile_training == cpu_path.compile_sampling == "default"
     cuda = FastPath.for_machine(torch.device("cuda"), 1, compile=True, machine=machine("cuda", gpu="H100"))
-    assert cuda.compile == "reduce-overhead"
-    assert "compile (reduce-overhead)" in cuda.describe() and "500 images per sampling call" in cuda.describe()
+    assert cuda.compile_training == cuda.compile_sampling == "reduce-overhead"
+    assert "compile (training, reduce-overhead; sampling, reduce-overhead)" in cuda.describe()
+    assert "500 images per sampling call" in cuda.describe()
+
+
+def test_without_a_working_compiler_the_run_stays_eager_and_says_why(monkeypatch):
+    monkeypatch.setattr(speed, "compile_problem", lambda: "no C++ compiler found")
+    path = FastPath.for_machine(torch.device("cpu"), 3, compile=True, machine=machine())
+    assert not path.compile_training and not path.compile_sampling
+    assert "eager: no C++ compiler found" in path.announce()
+
+
+def test_the_announcement_names_the_path_and_the_flags_that_turn_it_off(monkeypatch):
+    monkeypatch.setattr(speed, "compile_problem", lambda: "")
+    monkeypatch.setitem(speed.RULES, "cpu-avx2", Rule(CPU_PATH, compile_training_from=100, compile_sampling_from=100))
+    long_run = FastPath.for_machine(torch.device("cpu"), 3, machine=machine(), training_images=100,
+                                    sampled_image_steps=100)
+    line = long_run.announce()
+    assert line.startswith("fast path: channels_last (training, sampling), compile (training; sampling)")
+    assert "--no-fast: plain fp32 eager" in line and "--no-compile: eager" in line and "--compile:" not in line
+    short_run = FastPath.for_machine(torch.device("cpu"), 3, machine=machine(), training_images=10)
+    assert "eager for training under 100 images" in short_run.announce()
+    assert "--compile: compile anyway" in short_run.announce() and "--no-compile" not in short_run.announce()
+    assert FastPath().announce().startswith("plain path: 250 images per sampling call")
+
+
+def test_a_network_whose_compiling_fails_goes_on_eager_and_says_so(monkeypatch, capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def failing_compile(network, **options):
+        def call(*inputs):
+            error = BackendCompilerFailed.__new__(BackendCompilerFailed)     # its constructor differs by version
+            Exception.__init__(error, "backend='inductor' raised: no C++ compiler\nmore")
+            raise error
+        return call
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    network = torch.nn.Linear(3, 2)
+    wrapped = speed.compiled(network, "default")
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(wrapped(x), network(x), rtol=0, atol=0)
+    torch.testing.assert_close(wrapped(x), network(x), rtol=0, atol=0)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("torch.compile failed (BackendCompilerFailed")
+    assert printed[0].endswith("going on eager")
+    assert speed.compiled(network, "") is network
 
 
 def test_this_machine_is_described_by_its_capabilities():
@@ -139,10 +218,9 @@ def test_compiled_and_eager_training_steps_give_the_same_loss():
     inductor = pytest.importorskip("torch._inductor.config")
     images, labels = one_batch()
     losses = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(inductor, "fallback_random", True)        # the same random draws as eager mode
+    with inductor.patch(fallback_random=True):                 # the same random draws as eager mode
         for compile_mode in ("", "default"):
-            run = tiny_run(FastPath(compile=compile_mode))
+            run = tiny_run(FastPath(compile_training=compile_mode))
             torch.manual_seed(3)
             losses.append([training_step(run, images, labels).item() for _ in range(2)])
     torch._dynamo.reset()
@@ -286,15 +364,16 @@ def test_the_benchs_rows_each_run_with_their_own_switches():
 def test_the_cuda_path_turns_cudnn_benchmark_on_and_torchrun_compiles_without_cuda_graphs():
     cuda = torch.device("cuda")
     rules = FastPath.for_machine(cuda, 3, compile=True, machine=machine("cuda", gpu="NVIDIA H100"))
-    assert rules.cudnn_benchmark and rules.compile == "reduce-overhead"
+    assert rules.cudnn_benchmark and rules.compile_training == "reduce-overhead"
     assert not FastPath.for_machine(torch.device("cpu"), 3, machine=machine()).cudnn_benchmark
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Machine, "of", classmethod(lambda cls, device: machine("cuda", gpu="NVIDIA H100")))
         single = path_for_run(cuda, 3, fast=True, compile=True, precision="auto")
         under_torchrun = path_for_run(cuda, 3, fast=True, compile=True, precision="auto", distributed=True)
         plain_under_torchrun = path_for_run(cuda, 3, fast=False, compile=True, precision="auto", distributed=True)
-    assert single.compile == "reduce-overhead"
-    assert under_torchrun.compile == plain_under_torchrun.compile == "default"   # DDP's hooks between graph replays
+    assert single.compile_training == single.compile_sampling == "reduce-overhead"
+    for path in (under_torchrun, plain_under_torchrun):                           # DDP's hooks between graph replays
+        assert path.compile_training == path.compile_sampling == "default"
 
 
 def test_the_fused_adam_runs_wherever_the_path_asks_for_it():
@@ -302,3 +381,35 @@ def test_the_fused_adam_runs_wherever_the_path_asks_for_it():
     parameters = [torch.nn.Parameter(torch.zeros(3))]
     assert make_optimizer(parameters, 1e-3, FastPath(fused_adam=True)).param_groups[0]["fused"]
     assert not make_optimizer(parameters, 1e-3, FastPath()).param_groups[0]["fused"]
+
+
+def rule_benchmarks() -> list[str]:
+    """The benchmark CSVs that docs/speed.md's rule table is generated from (one per CPU machine class)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "speed.md")) as file:
+        specs = re.findall(r"^<!-- table: rules (.+?) -->$", file.read(), flags=re.MULTILINE)
+    return [os.path.join(root, path) for spec in specs for path in spec.split()]
+
+
+def test_each_rule_keeps_only_what_its_benchmark_measured_faster():
+    """Every ingredient a machine class's rule turns on ran faster alone than the plain path in that class's
+    committed benchmark (for the images it applies to), and each compile threshold lies beyond the run length
+    at which compiling repaid its compile time there."""
+    from tools.bench import compile_break_even, ingredient_ratios
+    from tools.doc_tables import read_rows
+    paths = rule_benchmarks()
+    assert paths, "docs/speed.md names no benchmark for its rule table"
+    for path in paths:
+        rows = read_rows(path)
+        rule = RULES[rows[0]["machine_class"]]
+        for field, by_config in ingredient_ratios(rows).items():
+            if field.startswith("compile") or not getattr(rule.path, field):
+                continue
+            applies = {config: ratio for config, ratio in by_config.items()
+                       if field != "train_channels_last" or rule.train_channels_last_grey or config != "mnist"}
+            assert min(applies.values()) >= 1.0, f"{path}: {field} is on but measured {applies}"
+        break_even = compile_break_even(rows)
+        for phase, limit in (("training", rule.compile_training_from), ("sampling", rule.compile_sampling_from)):
+            if limit is not None:
+                assert break_even[phase] and all(value is not None and value <= limit
+                                                 for value in break_even[phase].values()), (path, phase, break_even)

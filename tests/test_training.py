@@ -16,7 +16,8 @@ from PIL import Image
 import training
 from lab.cli import one_line_errors
 from lab.checkpoints import load_checkpoint
-from lab.run_files import grid_random_state, restore, run_random_state, save_run, set_run_random_state
+from lab import speed
+from lab.run_files import grid_image_steps, grid_random_state, restore, run_random_state, save_run, set_run_random_state
 from lab.speed import FastPath
 from ddpm import DDPM
 from train_mnist import MNIST
@@ -38,8 +39,11 @@ def read_rows(path):
         return list(csv.DictReader(file))
 
 
-def test_two_epoch_run_writes_every_artifact(image_folder, tmp_path):
+def test_two_epoch_run_writes_every_artifact(image_folder, tmp_path, capsys):
     train(tiny_config(image_folder, tmp_path / "run"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("training on ") and lines[1].startswith("fast path: ")   # the path, and how to
+    assert "--no-fast: plain fp32 eager" in lines[1]                                    # turn it off
     names = set(os.listdir(tmp_path / "run"))
     for epoch in (1, 2):
         assert {f"image_ep{epoch}_w0.0.png", f"image_ep{epoch}_w1.0.png", f"model_ep{epoch}.pth"} <= names
@@ -70,6 +74,37 @@ def test_resumed_run_ends_with_the_same_weights(image_folder, tmp_path):
         for name, value in straight[key].items():
             torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
     assert [row["train_loss"] for row in straight["losses"]] == [row["train_loss"] for row in resumed["losses"]]
+
+
+def test_a_compiled_run_resumes_bit_exactly(image_folder, tmp_path, monkeypatch):
+    """torch.compile (one graph per batch shape, ``dynamic=False``) computes a resumed run's steps with the
+    kernels of the uninterrupted one. The network and batch of tests/test_speed.py's compiled step (8 MNIST-sized
+    images, F = 8), so that inductor's cache of compiled graphs spares this test the compiling."""
+    inductor = pytest.importorskip("torch._inductor.config")
+    if speed.compile_problem():
+        pytest.skip(speed.compile_problem())
+    path = FastPath(compile_training="default")
+    settings = dict(epochs=2, subset=56, batch_size=8, sample_every=10, gif_every=10, save_every=1, eval_every=0,
+                    ema_decay=0.9)
+    with inductor.patch(fallback_random=True):          # as there (the key of the cached graphs)
+        train_on_path(monkeypatch, path, tiny_config(image_folder, tmp_path / "straight", **settings))
+        train_on_path(monkeypatch, path, tiny_config(image_folder, tmp_path / "resumed", **{**settings, "epochs": 1}))
+        train_on_path(monkeypatch, path, tiny_config(image_folder, tmp_path / "resumed",
+                                                     **{**settings, "resume": "auto"}))
+    torch._dynamo.reset()
+    straight = load_checkpoint(str(tmp_path / "straight" / "model_ep2.pth"))
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "model_ep2.pth"))
+    for key in ("model", "ema"):
+        for name, value in straight[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+
+
+def test_the_run_length_that_decides_compiling_counts_every_grid_and_gif():
+    config = tiny_config("unused", "unused", epochs=4, sample_every=2, gif_every=3, guidance=[0.0, 1.0, 3.0],
+                         n_sample=4, timesteps=10)
+    assert grid_image_steps(config) == 3 * 3 * 4 * 10 * 10           # epochs 2, 3, 4; 3 weights; 40 images; T
+    few_step = dataclasses.replace(config, sampler="dpm++2m", sample_steps=5)
+    assert grid_image_steps(few_step) == 3 * 3 * 4 * 10 * 5
 
 
 # ---- resuming across fast-path settings and devices ----------------------------------------------------------

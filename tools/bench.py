@@ -1,13 +1,20 @@
 """Measure training and sampling throughput (images/s), the plain path and the fast path side by side.
 
-    python -m tools.bench            # full: MNIST, CIFAR-10 (F=32, 64), each fast-path ingredient, 3 rounds
-    python -m tools.bench --quick    # under a minute on 2 CPU cores: MNIST and CIFAR-10 F=32, plain vs fast
-    python -m tools.bench --compile  # also torch.compile, on CUDA also CUDA graphs (warm-up excluded from the timing)
+    python -m tools.bench            # full: MNIST, CIFAR-10 (F=32, 64), every ingredient alone, 3 rounds
+    python -m tools.bench --quick --device cpu   # a few minutes on 2 CPU cores: MNIST and CIFAR-10 F=32, plain,
+                                     # the default path of a long run and each of its ingredients alone
+    python -m tools.bench --compile  # on CUDA also torch.compile with and without CUDA graphs
     python -m tools.bench --devices cuda --configs cifar10 --batch-sizes 128 256 512 --compile     # on a GPU
     python -m tools.bench --complete # time complete sampling runs instead of scaling a few timed steps
     python -m tools.bench --configs butterflies-64 butterflies-128 --batch-sizes 64 --guidance 0 --per-class 20
                                      # sheet 2, 2.5: the unconditional U-Net at 64 and 128 px, a grid of 20 images
     python -m tools.bench --quick --csv docs/speed/NAME.csv   # also write the tables as CSV (docs/speed.md reads them)
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m tools.bench ...   # as a CPU of the AVX2 class
+
+"fast" is the machine's default path for a long run (lab/speed.py: the rule of its class, compiled where that
+rule compiles a long run); the full benchmark adds every other ingredient alone and the default path with the
+opposite compile choice, from which docs/speed.md's rule table reads what compiling saves and costs. The warm-up
+columns time building, the first steps and compiling, in a fresh cache of compiled kernels.
 
 Training: full steps of the real training loop (``training.training_step``: forward, loss, backward, Adam, EMA)
 on batches drawn from an in-memory uint8 tensor on the device, after warm-up, and the memory of one step: the
@@ -25,21 +32,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
-import torch
+COMPILE_CACHE_NAMED = "TORCHINDUCTOR_CACHE_DIR" in os.environ   # read before torch's imports set its default one
 
+import torch
 import torch.nn.functional as F
 
 from ddpm import class_grid_labels
 from lab.checkpoints import network_from_config
 from lab.cli import OneLineParser, add_guidance_flag, tool_flags
 from lab.generation import SamplingModel, generate, sampling_model
-from lab.speed import PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, cpu_model, use_backend_settings
+from lab.speed import (PLAIN_SAMPLE_CHUNK, FastInference, FastPath, Machine, compile_mode_for, compile_problem, cpu_model,
+                       use_backend_settings)
 from lab.train_config import BUTTERFLIES, GEOMETRY, MNIST, SCRIPT_DEFAULTS
 from training import Ranks, build_run, training_step
 from utils import write_rows_csv
@@ -50,28 +61,69 @@ CONFIGS = {"mnist": ("mnist", 32), "cifar10": ("cifar10", 32), "cifar10-f64": ("
 DATA = {**GEOMETRY, **{f"butterflies-{size}": dict(in_channels=3, image_size=size, n_classes=1) for size in (64, 128)}}
 DEFAULT_CONFIGS = ("mnist", "cifar10", "cifar10-f64")      # without --configs; the butterflies only when named
 SAMPLERS = (("ddpm", 400), ("ddim", 50), ("dpm++2m", 20), ("ddim", 20))
+CHUNK_SIZES = (40, 80, 160, 250)        # images per sampling call that the full benchmark compares
+
+
+LONG_RUN = 10 ** 12      # training images and sampled image-steps of a run long enough for every rule to compile
+INGREDIENTS = {         # name -> the FastPath fields that make up one ingredient of the fast path
+    "channels_last": ("train_channels_last", "sample_channels_last"), "bf16 autocast": ("bf16_autocast",),
+    "fused adam": ("fused_adam",), "foreach adam": ("foreach_adam",), "cudnn benchmark": ("cudnn_benchmark",),
+    "fold batchnorm": ("fold_batchnorm",), "shared encoder": ("share_encoder",),
+    "compile": ("compile_training", "compile_sampling")}
+
+
+PHASES = {               # FastPath field -> the images/s it is meant to raise: a training step's, or sampling's
+    "train_channels_last": "train_img_s", "sample_channels_last": "ddpm400_img_s", "bf16_autocast": "both",
+    "fused_adam": "train_img_s", "foreach_adam": "train_img_s", "cudnn_benchmark": "both",
+    "fold_batchnorm": "ddpm400_img_s", "share_encoder": "ddpm400_img_s", "compile_training": "train_img_s",
+    "compile_sampling": "ddpm400_img_s"}
+
+
+def default_path(device: torch.device, in_channels: int) -> FastPath:
+    """The machine's default fast path for a long run: the rule's ingredients, compiled where the rule compiles
+    a long run."""
+    return FastPath.for_machine(device, in_channels, training_images=LONG_RUN, sampled_image_steps=LONG_RUN)
+
+
+def ingredients(path: FastPath) -> dict[str, FastPath]:
+    """Each ingredient of ``path`` alone on the plain path: '<ingredient> only' -> FastPath (the sampling chunk
+    is measured by the evaluate.py-style rows)."""
+    plain, alone = FastPath(), {}
+    for name, fields in INGREDIENTS.items():
+        chosen = {field: getattr(path, field) for field in fields if getattr(path, field) != getattr(plain, field)}
+        if chosen:
+            alone[f"{name} only"] = replace(plain, **chosen)
+    return alone
+
+
+def every_ingredient(device: torch.device, emulated_bf16: bool, compile_too: bool) -> FastPath:
+    """Every ingredient this device can run: bf16 where it is native (or ``emulated_bf16``), cuDNN's autotuner on
+    CUDA, torch.compile on a CPU where it works (on CUDA with ``compile_too``)."""
+    compiles = compile_too if device.type == "cuda" else device.type == "cpu" and not compile_problem()
+    mode = compile_mode_for(device.type, compiles)
+    return FastPath(train_channels_last=True, sample_channels_last=True, fold_batchnorm=True, share_encoder=True,
+                    bf16_autocast=device.type == "cuda" or Machine.of(device).cpu_bf16 or emulated_bf16,
+                    fused_adam=True, foreach_adam=True, cudnn_benchmark=device.type == "cuda",
+                    compile_training=mode, compile_sampling=mode)
 
 
 def variants(device: torch.device, in_channels: int, full: bool, compile_too: bool,
              emulated_bf16: bool = False) -> dict[str, FastPath]:
-    """name -> fast-path choices; plain first, the default fast path second, then the single ingredients (full;
-    bf16 only where it is native, unless ``emulated_bf16``) and torch.compile (compile_too: in default mode, and
-    on CUDA also with CUDA graphs)."""
-    fast = FastPath.for_machine(device, in_channels)
-    chosen = {"plain": FastPath(), "fast": fast}
+    """name -> fast-path choices: plain first, the default fast path of a long run second, then each of its
+    ingredients alone; ``full`` adds every other ingredient alone and the default path with the opposite compile
+    choice (eager where it compiles, compiled where it does not); ``compile_too`` adds CUDA graphs on CUDA."""
+    fast = default_path(device, in_channels)
+    chosen = {"plain": FastPath(), "fast": fast, **ingredients(fast)}
     if full:
-        chosen["channels_last only"] = FastPath(train_channels_last=True, sample_channels_last=True)
-        chosen["fold batchnorm only"] = FastPath(fold_batchnorm=True)
-        chosen["shared encoder only"] = FastPath(share_encoder=True)
-        if device.type == "cuda" or Machine.of(device).cpu_bf16 or emulated_bf16:
-            chosen["bf16 autocast only"] = FastPath(bf16_autocast=True)
-        if device.type == "cuda":
-            chosen["fused adam only"] = FastPath(fused_adam=True)
-            chosen["cudnn benchmark only"] = FastPath(cudnn_benchmark=True)
-    if compile_too:
-        chosen["fast + compile"] = replace(fast, compile="default")
-        if device.type == "cuda":
-            chosen["fast + graphs"] = replace(fast, compile="reduce-overhead")
+        chosen.update(ingredients(every_ingredient(device, emulated_bf16, compile_too)))
+        if fast.compile_training or fast.compile_sampling:
+            chosen["fast, eager"] = replace(fast, compile_training="", compile_sampling="")
+        if device.type == "cpu" and not compile_problem() and not (fast.compile_training and fast.compile_sampling):
+            chosen["fast + compile"] = replace(fast, compile_training="default", compile_sampling="default")
+    if compile_too and device.type == "cuda":
+        chosen["fast + compile"] = replace(fast, compile_training="default", compile_sampling="default")
+        chosen["fast + graphs"] = replace(fast, compile_training="reduce-overhead",
+                                          compile_sampling="reduce-overhead")
     return chosen
 
 
@@ -205,16 +257,20 @@ def evaluation_rounds(dataset: str, n_features: int, device: torch.device, path:
         yield n_images / (time.perf_counter() - started)
 
 
-def alternate(round_makers: dict, rounds: int) -> dict[str, float]:
-    """Warm every variant up, then time them in alternating rounds; the median images/s of each."""
+def alternate(round_makers: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Warm every variant up, then time them in alternating rounds. Returns the median images/s of each, and the
+    seconds of each warm-up (building, the first steps and, for a compiled variant, compiling)."""
     generators = {name: make() for name, make in round_makers.items()}
-    for generator in generators.values():
+    warmup = {}
+    for name, generator in generators.items():
+        started = time.perf_counter()
         next(generator)
+        warmup[name] = time.perf_counter() - started
     results = {name: [] for name in generators}
     for _ in range(rounds):
         for name, generator in generators.items():
             results[name].append(next(generator))
-    return {name: statistics.median(values) for name, values in results.items()}
+    return {name: statistics.median(values) for name, values in results.items()}, warmup
 
 
 def device_name(device: torch.device) -> str:
@@ -226,18 +282,19 @@ def device_name(device: torch.device) -> str:
 def measure(device: torch.device, config_name: str, args) -> dict:
     dataset, n_features = CONFIGS[config_name]
     chosen = variants(device, DATA[dataset]["in_channels"], not args.quick, args.compile, args.emulated_bf16)
-    train, memory = {}, {}
+    train, memory, train_warmup = {}, {}, {}
     for batch_size in args.batch_sizes:
-        train[batch_size] = alternate({name: (lambda p=path, b=batch_size: training_rounds(
+        train[batch_size], train_warmup[batch_size] = alternate({name: (lambda p=path, b=batch_size: training_rounds(
             dataset, n_features, device, p, b, args.train_steps)) for name, path in chosen.items()}, args.rounds)
-        memory[batch_size] = {name: step_memory(dataset, n_features, device, path, batch_size)
-                              for name, path in chosen.items()}
+        # the memory of the eager step: a compiled one would compile once more just for this
+        memory[batch_size] = {name: step_memory(dataset, n_features, device, replace(path, compile_training=""),
+                                                batch_size) for name, path in chosen.items()}
     sample = {}
     for sampler, steps in SAMPLERS:
         timed = steps if args.complete else min(steps, args.timed_steps)
         # every step costs one network call on the same batch: a run of `timed` DDIM steps times the step,
         # scaled to the whole run, unless --complete times the whole run of this sampler itself
-        rates = alternate({name: (lambda p=path: sampling_rounds(
+        rates, sample_warmup = alternate({name: (lambda p=path: sampling_rounds(
             dataset, n_features, device, p, args.per_class, sampler if args.complete else "ddim", timed,
             args.guidance)) for name, path in chosen.items()}, args.rounds)
         sample[f"{sampler}{steps}"] = {name: rate * timed / steps for name, rate in rates.items()}
@@ -245,30 +302,87 @@ def measure(device: torch.device, config_name: str, args) -> dict:
             for other, other_steps in SAMPLERS[1:]:
                 sample[f"{other}{other_steps}"] = {name: rate * timed / other_steps for name, rate in rates.items()}
             break
-    # tools/evaluate.py's sampling: --eval-images images at w = 1, before (250 per call) and after (the fast path's
-    # chunk size); a few DDIM steps timed and scaled to the 400 steps of the DDPM sampler
-    fast = chosen["fast"]
-    paths = {f"{PLAIN_SAMPLE_CHUNK} per call": replace(fast, sample_chunk=PLAIN_SAMPLE_CHUNK),
-             f"{fast.sample_chunk} per call": fast}
-    evaluation = alternate({name: (lambda p=path: evaluation_rounds(
+    # tools/evaluate.py's sampling: --eval-images images at w = 1 on the fast path (eager: the chunk size is what
+    # differs), with 250 images per call (the plain path's), the fast path's chunk size and, in the full
+    # benchmark, others; a few DDIM steps timed and scaled to the 400 steps of the DDPM sampler
+    fast = replace(chosen["fast"], compile_training="", compile_sampling="")
+    chunks = sorted({PLAIN_SAMPLE_CHUNK, fast.sample_chunk, *(() if args.quick else CHUNK_SIZES)})
+    paths = {f"{chunk} per call": replace(fast, sample_chunk=chunk) for chunk in chunks}
+    evaluation, _ = alternate({name: (lambda p=path: evaluation_rounds(
         dataset, n_features, device, p, args.eval_images, args.eval_steps, 1.0)) for name, path in paths.items()},
         args.rounds)
     return {"device": device_name(device), "config": config_name, "n_features": n_features, "guidance": args.guidance,
             "fast_path": {name: path.describe() for name, path in chosen.items()},
-            "train_img_s": train, "step_memory_mib": memory, "sample_img_s": sample,
+            "train_img_s": train, "train_warmup_s": train_warmup, "step_memory_mib": memory,
+            "sample_img_s": sample, "sample_warmup_s": sample_warmup,
             "evaluate_ddpm400_img_s": {name: rate * args.eval_steps / 400 for name, rate in evaluation.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a full benchmark's CSV says about each rule (docs/speed.md's rule table, tests/test_speed.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def ingredient_ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """FastPath field -> config -> images/s of its ingredient alone over the plain path's, in the phase the field
+    speeds up (the lower of the two for a field of both), from one machine's rows of ``csv_rows``."""
+    ratios: dict[str, dict[str, float]] = {}
+    for config in dict.fromkeys(row["config"] for row in rows):
+        named = {row["path"]: row for row in rows if row["config"] == config}
+        for ingredient, fields in INGREDIENTS.items():
+            row = named.get(f"{ingredient} only")
+            for field in fields if row else ():
+                keys = ("train_img_s", "ddpm400_img_s") if PHASES[field] == "both" else (PHASES[field],)
+                ratios.setdefault(field, {})[config] = min(
+                    float(row[key]) / float(named["plain"][key]) for key in keys)
+    return ratios
+
+
+def compiled_phases(row: dict) -> set[str]:
+    """Which networks a benchmark row's path compiled ('training', 'sampling'), read from its 'choices' column
+    (``FastPath.describe``); a CSV without that column compiled both in its 'fast' row when it has a 'fast, eager'
+    row, and in its 'fast + compile' row."""
+    if row.get("choices") is not None:
+        found = re.search(r"compile \(([^)]*)\)", row["choices"])
+        return {phase for phase in ("training", "sampling") if found and phase in found.group(1)}
+    return {"training", "sampling"} if row["path"] in ("fast", "fast + compile") else set()
+
+
+def compile_break_even(rows: list[dict]) -> dict[str, dict[str, float | None]]:
+    """'training' -> config -> training images, 'sampling' -> config -> sampled image-steps, after which compiling
+    that network of the default path has saved its compile time: the warm-up seconds it adds over the same path
+    eager, divided by the seconds it saves per image (per image-step for sampling). None where compiling did not
+    make that phase faster. From a full benchmark's rows 'fast', 'fast, eager' and 'fast + compile'."""
+    found: dict[str, dict[str, float | None]] = {"training": {}, "sampling": {}}
+    for config in dict.fromkeys(row["config"] for row in rows):
+        named = {row["path"]: row for row in rows if row["config"] == config}
+        variants = [named[name] for name in ("fast, eager", "fast", "fast + compile") if name in named]
+        for phase, rate, warmup, steps in (("training", "train_img_s", "train_warmup_s", 1),
+                                           ("sampling", "ddpm400_img_s", "sample_warmup_s", 400)):
+            eager = next((row for row in variants if phase not in compiled_phases(row)), None)
+            compiled_row = next((row for row in variants if phase in compiled_phases(row)), None)
+            if eager is None or compiled_row is None:
+                continue
+            saved = 1 / (float(eager[rate]) * steps) - 1 / (float(compiled_row[rate]) * steps)
+            extra = float(compiled_row[warmup]) - float(eager[warmup])
+            found[phase][config] = max(extra, 0.0) / saved if saved > 0 else None
+    return found
 
 
 def print_table(result: dict) -> None:
     names = list(result["fast_path"])
     batch_sizes = list(result["train_img_s"])
+    first = batch_sizes[0]
     print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; sampling with "
           f"w = {result['guidance']:g}")
     print(f"  {'path':<24}" + "".join(f"{'train@' + str(b) + ' img/s':>18}" for b in batch_sizes)
-          + "".join(f"{key + ' img/s':>17}" for key in result["sample_img_s"]))
+          + "".join(f"{key + ' img/s':>17}" for key in result["sample_img_s"])
+          + f"{'x plain: train / sample':>25}{'warm-up s: train / sample':>27}")
+    train, sample = result["train_img_s"][first], result["sample_img_s"]["ddpm400"]
     for name in names:
         row = f"  {name:<24}" + "".join(f"{result['train_img_s'][b][name]:>18.1f}" for b in batch_sizes)
         row += "".join(f"{result['sample_img_s'][key][name]:>17.2f}" for key in result["sample_img_s"])
+        row += f"{train[name] / train['plain']:>17.2f} / {sample[name] / sample['plain']:<5.2f}"
+        row += f"{result['train_warmup_s'][first][name]:>19.1f} / {result['sample_warmup_s'][name]:<5.1f}"
         print(row)
     for batch_size in batch_sizes:
         rates, memory = result["train_img_s"][batch_size], result["step_memory_mib"][batch_size]
@@ -276,33 +390,40 @@ def print_table(result: dict) -> None:
             f"{name} {batch_size / rates[name]:.3g} s, activations {memory[name]['activations']:.0f} MiB"
             + (f", CUDA peak {memory[name]['cuda_peak']:.0f} MiB" if "cuda_peak" in memory[name] else "")
             for name in names) + f"; weights, gradients, Adam and EMA {memory[names[0]]['state']:.0f} MiB")
-    train, sample = result["train_img_s"][batch_sizes[0]], result["sample_img_s"]
-    print(f"  fast/plain: training x{train['fast'] / train['plain']:.2f} (batch {batch_sizes[0]}), sampling "
-          f"x{sample['ddpm400']['fast'] / sample['ddpm400']['plain']:.2f}; DDIM-50 fast vs DDPM-400 plain "
-          f"x{sample['ddim50']['fast'] / sample['ddpm400']['plain']:.1f}  (fast = {result['fast_path']['fast']})")
-    before, after = result["evaluate_ddpm400_img_s"].values()
+    print(f"  fast/plain: training x{train['fast'] / train['plain']:.2f} (batch {first}), sampling "
+          f"x{sample['fast'] / sample['plain']:.2f}; DDIM-50 fast vs DDPM-400 plain "
+          f"x{result['sample_img_s']['ddim50']['fast'] / sample['plain']:.1f}  (fast = {result['fast_path']['fast']})")
+    evaluation = result["evaluate_ddpm400_img_s"]
+    reference = evaluation[f"{PLAIN_SAMPLE_CHUNK} per call"]
     print("  tools/evaluate.py-style, DDPM-400 img/s: " + ", ".join(
-        f"{name} {rate:.2f}" for name, rate in result["evaluate_ddpm400_img_s"].items()) + f"  (x{after / before:.2f})")
+        f"{name} {rate:.2f} (x{rate / reference:.2f})" for name, rate in evaluation.items()))
 
 
-CSV_COLUMNS = ("machine", "device", "command", "config", "n_features", "guidance", "timing", "path", "batch_size",
-               "train_img_s", "step_s", "activations_mib", "state_mib", "cuda_peak_mib",
+CSV_COLUMNS = ("machine", "machine_class", "device", "command", "config", "n_features", "guidance", "timing", "path",
+               "choices", "batch_size",
+               "train_img_s", "step_s", "train_warmup_s", "sample_warmup_s", "activations_mib", "state_mib",
+               "cuda_peak_mib",
                *(f"{sampler}{steps}_img_s" for sampler, steps in SAMPLERS))
 
 
 def csv_rows(result: dict, command: str, complete: bool, timed_steps: int) -> list[dict]:
     """The rows of one ``measure`` result for --csv: one per path and training batch size (images/s of training,
-    seconds and memory of a step, images/s of each sampler), then one per tools/evaluate.py-style run (path 'evaluate.py-style, N per call', its images/s
-    scaled to the DDPM sampler's 400 steps)."""
-    common = {"machine": result["machine"], "device": result["device"], "command": command,
-              "config": result["config"], "n_features": result["n_features"], "guidance": result["guidance"],
+    seconds, warm-ups and memory of a step, images/s of each sampler), then one per tools/evaluate.py-style run
+    (path 'evaluate.py-style, N per call', its images/s scaled to the DDPM sampler's 400 steps)."""
+    common = {"machine": result["machine"], "machine_class": result["machine_class"], "device": result["device"],
+              "command": command, "config": result["config"], "n_features": result["n_features"],
+              "guidance": result["guidance"],
               "timing": "complete runs" if complete else f"{timed_steps} steps timed, scaled"}
     rows = []
     for batch_size, train in result["train_img_s"].items():
         for name in result["fast_path"]:
             memory = result["step_memory_mib"][batch_size][name]
-            row = dict(common, path=name, batch_size=batch_size, train_img_s=round(train[name], 1),
-                       step_s=round(batch_size / train[name], 3), activations_mib=round(memory["activations"]),
+            row = dict(common, path=name, choices=result["fast_path"][name], batch_size=batch_size,
+                       train_img_s=round(train[name], 1),
+                       step_s=round(batch_size / train[name], 3),
+                       train_warmup_s=round(result["train_warmup_s"][batch_size][name], 1),
+                       sample_warmup_s=round(result["sample_warmup_s"][name], 1),
+                       activations_mib=round(memory["activations"]),
                        state_mib=round(memory["state"], 1), cuda_peak_mib=round(memory.get("cuda_peak", 0)) or "")
             row.update({f"{key}_img_s": round(rates[name], 2) for key, rates in result["sample_img_s"].items()})
             rows.append(row)
@@ -311,16 +432,41 @@ def csv_rows(result: dict, command: str, complete: bool, timed_steps: int) -> li
     return rows
 
 
+def instruction_set_caps() -> str:
+    """', measured with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2' where these variables cap what torch and
+    oneDNN use of the CPU (how the benchmark measures a machine class below the CPU it runs on), else ''."""
+    caps = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if name in os.environ]
+    return f", measured with {' '.join(caps)}" if caps else ""
+
+
+def fresh_compile_cache() -> str:
+    """Give inductor an empty cache folder for this run (unless TORCHINDUCTOR_CACHE_DIR names one), so that each
+    compiled variant's warm-up is the compile time of a first run, not a lookup of an earlier run's kernels."""
+    if not COMPILE_CACHE_NAMED:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def allow_recompiles() -> None:
+    """Let every variant compile its own graphs: torch.compile keeps at most 8 per function by default (then runs
+    it eager), and the variants call the same functions on other networks."""
+    import torch._dynamo.config as dynamo_config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 256)
+
+
 def main() -> None:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     flags = tool_flags(parser)
-    parser.add_argument("--quick", action="store_true", help="plain vs fast only, MNIST and CIFAR-10 F=32, "
-                        "one round, 2 training steps and 8 sampling steps timed")
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (and CUDA graphs on "
-                        "CUDA); compiling is excluded from the timing")
+    parser.add_argument("--quick", action="store_true", help="plain, fast and fast's ingredients alone, MNIST and "
+                        "CIFAR-10 F=32, one round, 2 training steps and 8 sampling steps timed")
+    parser.add_argument("--compile", action="store_true", help="on CUDA also measure torch.compile with and "
+                        "without CUDA graphs (the CPU's compiling rows come with the full benchmark); compiling is "
+                        "excluded from the timing")
     parser.add_argument("--emulated-bf16", action="store_true", help="also measure bf16 autocast on a CPU "
                         "without native bf16 (11x-28x slower on the AVX2 CPU of docs/speed.md)")
-    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
+    parser.add_argument("--devices", "--device", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
                         help=f"default: {' '.join(DEFAULT_CONFIGS)} (--quick: mnist cifar10)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128],
@@ -346,11 +492,15 @@ def main() -> None:
     configs = args.configs or (["mnist", "cifar10"] if args.quick else list(DEFAULT_CONFIGS))
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     results = []
+    allow_recompiles()
+    print(f"compiled kernels cached in {fresh_compile_cache()}")
     for device in devices:
-        machine = Machine.of(torch.device(device)).describe()
-        print(f"{device}: {machine}, {torch.get_num_threads()} CPU threads")
+        found = Machine.of(torch.device(device))
+        machine = found.describe() + instruction_set_caps()
+        print(f"{device}: {machine}, {torch.get_num_threads()} CPU threads; machine class {found.machine_class}")
         for config_name in configs:
-            result = dict(measure(torch.device(device), config_name, args), machine=machine)
+            result = dict(measure(torch.device(device), config_name, args), machine=machine,
+                          machine_class=found.machine_class)
             print_table(result)
             results.append(result)
     if args.csv:

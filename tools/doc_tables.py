@@ -244,7 +244,8 @@ def study_table(prefix: str) -> list[str]:
 # Speed: the CSVs of python -m tools.bench --csv
 # ----------------------------------------------------------------------------------------------------------------
 
-SPEED_COLUMNS = (("train_img_s", "train img/s", 1), ("step_s", "s/step", 2), ("activations_mib", "activations MiB", 0),
+SPEED_COLUMNS = (("train_img_s", "train img/s", 1), ("step_s", "s/step", 2), ("train_warmup_s", "warm-up s: train", 1),
+                 ("sample_warmup_s", "warm-up s: sample", 1), ("activations_mib", "activations MiB", 0),
                  ("cuda_peak_mib", "CUDA peak MiB", 0), ("ddpm400_img_s", "DDPM-400 img/s", 2),
                  ("ddim50_img_s", "DDIM-50 img/s", 2), ("dpm++2m20_img_s", "dpm++2m-20 img/s", 2))
 CONFIG_NAMES = {"mnist": "MNIST F=32", "cifar10": "CIFAR-10 F=32", "cifar10-f64": "CIFAR-10 F=64",
@@ -262,7 +263,9 @@ def speed_table(path: str) -> list[str]:
     for config in dict.fromkeys(row["config"] for row in rows):
         ours = [row for row in rows if row["config"] == config]
         plain = next((row for row in ours if row["path"] == "plain"), None)
-        evaluate = next((row for row in ours if not row.get("batch_size")), None)   # tools/evaluate.py-style rows
+        evaluated = [row for row in ours if not row.get("batch_size")]                # tools/evaluate.py-style rows
+        evaluate = next((row for row in evaluated if row["path"].endswith(" 250 per call")),
+                        evaluated[0] if evaluated else None)
         for i, row in enumerate(ours):
             ratio, reference = "", plain if row.get("batch_size") else evaluate
             if reference is not None and row is not reference:
@@ -275,9 +278,69 @@ def speed_table(path: str) -> list[str]:
     return lines + markdown(header, table)
 
 
+RULE_TITLES = {"train_channels_last": "channels_last, training", "sample_channels_last": "channels_last, sampling",
+               "bf16_autocast": "bf16 autocast", "fused_adam": "fused Adam", "foreach_adam": "foreach Adam",
+               "cudnn_benchmark": "cudnn.benchmark", "fold_batchnorm": "BatchNorm folding",
+               "share_encoder": "shared encoder", "compile_training": "compile, training",
+               "compile_sampling": "compile, sampling"}
+
+
+def rule_choice(rule, field: str) -> str:
+    """What lab/speed.py's rule of a machine class does with one FastPath field."""
+    if field == "compile_training":
+        limit = rule.compile_training_from
+        return f"from {limit:,} training images" if limit is not None else "only with --compile"
+    if field == "compile_sampling":
+        limit = rule.compile_sampling_from
+        return f"from {limit:,} image-steps" if limit is not None else "only with --compile"
+    if field == "train_channels_last" and rule.path.train_channels_last and not rule.train_channels_last_grey:
+        return "on (3-channel images)"
+    return "on" if getattr(rule.path, field) else "off"
+
+
+def rules_table(argument: str) -> list[str]:
+    """The rule of each machine class (lab/speed.py's RULES) beside what the full benchmark of that class measured:
+    each ingredient alone against the plain path, in the phase it speeds up (tools.bench.ingredient_ratios), the
+    run length after which compiling the default path repays it (tools.bench.compile_break_even), and the images
+    per sampling call against 250. ``argument``: the benchmark CSVs, one per machine class."""
+    from lab.speed import PLAIN_SAMPLE_CHUNK, RULES
+    from tools.bench import INGREDIENTS, compile_break_even, ingredient_ratios
+    lines, table = [], []
+    for path in argument.split():
+        rows = read_rows(path)
+        first, rule = rows[0], RULES[rows[0]["machine_class"]]
+        configs = list(dict.fromkeys(row["config"] for row in rows))
+        names = " / ".join(CONFIG_NAMES.get(config, config) for config in configs)
+        lines.append(f"- {first['machine_class']}: {first['machine']}; {first['device']}; `{first['command']}` "
+                     f"({names})")
+        ratios, break_even = ingredient_ratios(rows), compile_break_even(rows)
+        shown = []
+        for field in (field for fields in INGREDIENTS.values() for field in fields if field in ratios):
+            phase = {"compile_training": "training", "compile_sampling": "sampling"}.get(field)
+            repaid = "" if phase is None else " / ".join(
+                "-" if break_even[phase].get(config) is None else f"{break_even[phase][config]:,.0f}"
+                for config in configs)
+            shown.append((RULE_TITLES[field], " / ".join(
+                f"{ratios[field][config]:.2f}x" if config in ratios[field] else "-" for config in configs),
+                repaid, rule_choice(rule, field)))
+        evaluation = [row for row in rows if not row.get("batch_size")]
+        for chunk in sorted({int(row["path"].split()[-3]) for row in evaluation}):
+            measured = []
+            for config in configs:
+                ours = {int(row["path"].split()[-3]): float(row["ddpm400_img_s"])
+                        for row in evaluation if row["config"] == config}
+                measured.append(f"{ours[chunk] / ours[PLAIN_SAMPLE_CHUNK]:.2f}x" if chunk in ours else "-")
+            shown.append((f"{chunk} images per sampling call", " / ".join(measured), "",
+                          "chosen" if chunk == rule.path.sample_chunk else ""))
+        table += [((first["machine_class"] if i == 0 else ""),) + row for i, row in enumerate(shown)]
+    header = ("machine class", "ingredient", "alone, x plain (sampling calls: x 250 per call)",
+              "compiling repaid after", "rule")
+    return lines + [""] + markdown(header, table)
+
+
 TABLES: dict[str, Callable[[str], list[str]]] = {
     "run": run_table, "metrics": metrics_table, "samplers": samplers_table, "study": study_table,
-    "speed": speed_table,
+    "speed": speed_table, "rules": rules_table,
 }
 
 

@@ -23,10 +23,11 @@ import time
 
 import torch
 
-from lab.cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_data_flags, add_device_flag,
+from lab.cli import (OneLineParser, add_checkpoint_flags, add_data_flags, add_device_flag, add_fast_path_flags,
                      add_guidance_flag, add_judging_flags, add_overwrite_flag, add_sampler_flags, add_seed_flag, data_flags,
                      exit_on_error, refuse_existing, resolve_device, tool_flags)
-from lab.generation import load_for_sampling, sampler_steps
+from lab.checkpoints import load_network
+from lab.generation import fast_sampling_model, sampled_image_steps, sampler_steps, sampling_path
 from lab.image_data import load_data, to_model_scale
 from lab.judge import (ARCHITECTURES, AUGMENTATION, EPOCHS, Classifier, classify, default_classifier_path,
                        save_classifier, train_classifier)
@@ -65,7 +66,13 @@ def run_metrics(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--guidance weights must be finite numbers, got {args.guidance}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be positive, got {args.chunk_size}")
-    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights, args.compile)
+    network, config = load_network(args.checkpoint, args.weights)
+    images = sum(images_per_weight(args.guidance, args.n_per_class)) * config["n_classes"]
+    device = resolve_device(args.device)
+    path = sampling_path(device, config, args.fast, args.compile,
+                         sampled_image_steps(args.sampler, args.sample_steps, config["timesteps"], images))
+    print(f"sampling {images} images on {device}; {path.announce()}", flush=True)
+    model = fast_sampling_model(network.to(device), config, device, path)
     if is_unconditional(model.config["drop_prob"]) or model.config.get("dataset") not in BUILT_IN:
         raise ValueError(f"{args.checkpoint} is a model of {model.config.get('dataset')!r} "
                          f"(p_uncond = {model.config['drop_prob']}); the metrics judge the classes of MNIST and "
@@ -128,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_guidance_flag(flags, many=True, default=[0.0, 1.0, 3.0])
     add_judging_flags(flags)
     add_sampler_flags(flags)
-    add_compile_flag(flags)
+    add_fast_path_flags(flags)
     metrics.add_argument("--csv", help="where to write the table (default: next to the checkpoint, named by the "
                                        "settings)")
     metrics.set_defaults(run=run_metrics)

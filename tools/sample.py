@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import utils
-from lab.cli import (OneLineParser, add_checkpoint_flags, add_compile_flag, add_count_flag, add_device_flag,
+from lab.cli import (OneLineParser, add_checkpoint_flags, add_count_flag, add_device_flag, add_fast_path_flags,
                      add_guidance_flag, add_out_flag, add_sampler_flags, add_seed_flag, exit_on_error, resolve_device,
                      tool_flags)
 from ddpm import class_grid_labels
-from lab.generation import animation_states, generate, load_for_sampling
+from lab.checkpoints import load_network
+from lab.generation import (animation_states, fast_sampling_model, generate, sampled_image_steps,
+                            sampling_path)
 from lab.train_config import is_unconditional
 
 MAX_GRID_COLUMNS = 8                       # a mixture's n images are laid out row-major, this many per row
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     flags = tool_flags(parser)
     add_sampler_flags(flags)
-    add_compile_flag(flags)
+    add_fast_path_flags(flags)
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--classes", type=int, nargs="+", metavar="C", help="classes, one column each (default: all)")
     what.add_argument("--mix", metavar="C:W,...", help="a mixture of classes, e.g. 3:0.5,8:0.5 (weights normalised)")
@@ -211,12 +213,17 @@ def run(args: argparse.Namespace) -> None:
     if args.mix is not None:
         parse_mixture(args.mix)                         # syntax errors before the (slow) model load
     started = time.perf_counter()
-    model = load_for_sampling(args.checkpoint, resolve_device(args.device), args.weights, args.compile)
-    if is_unconditional(model.config["drop_prob"]):
-        conditions, proportions, columns, description = unconditional_conditions(args, model.n_classes)
+    network, config = load_network(args.checkpoint, args.weights)
+    if is_unconditional(config["drop_prob"]):
+        conditions, proportions, columns, description = unconditional_conditions(args, config["n_classes"])
         args.guidance = 0.0                             # eq. 5 at c = 0 is eps(y_t, t, 0) whatever w is
     else:
-        conditions, proportions, columns, description = requested_conditions(args, model.n_classes)
+        conditions, proportions, columns, description = requested_conditions(args, config["n_classes"])
+    device = resolve_device(args.device)
+    work = sampled_image_steps(args.sampler, args.sample_steps, config["timesteps"], conditions.shape[-2])
+    path = sampling_path(device, config, args.fast, args.compile, work)
+    print(f"sampling {conditions.shape[-2]} images on {device}; {path.announce()}", flush=True)
+    model = fast_sampling_model(network.to(device), config, device, path)
     keep = animation_states(model.ddpm, args.sampler, args.sample_steps, args.spacing) if args.gif else ()
     images, frames = generate(model, conditions, args.guidance, proportions, keep=keep, **sampler_settings(args))
     save_grid(images, args.out, columns)

@@ -90,7 +90,7 @@ def summary_rows(tables: dict) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> None:
-    model = load_for_sampling(args.checkpoint, resolve_device(args.device), compile_sampler=args.compile)
+    model = load_for_sampling(args.checkpoint, resolve_device(args.device), compile=args.compile)
     os.makedirs(args.out, exist_ok=True)
     by_name = {setting_name(*setting): setting for setting in SETTINGS}
     unknown = sorted(set(args.only or []) - set(by_name))

@@ -88,8 +88,8 @@ class TrainConfig:
     subset: Optional[int] = setting(None, "train on the first N training images only")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu", DEVICES)
     seed: int = setting(0, "random seed")
-    fast: bool = setting(True, "the measured fast path of lab/speed.py (memory format, Adam kernel, BatchNorm "
-                               "folding); --no-fast: plain fp32 eager")
+    fast: bool = setting(True, "the machine's measured fast path (lab/speed.py, docs/speed.md: memory format, "
+                               "bf16 where native, BatchNorm folding, ...); --no-fast: plain fp32 eager")
     precision: str = setting("auto", "arithmetic of the U-Net: fp32, bf16 (autocast; weights, optimizer, EMA and "
                                      "loss stay fp32) or auto: bf16 where the CPU computes it natively", PRECISIONS)
     compile: Optional[bool] = setting(None, "torch.compile the U-Net for training and sampling (CUDA graphs on "

@@ -1,5 +1,7 @@
 """The fast path: its rules per machine, and that every choice leaves the numbers as they were (exactly where the
 arithmetic is the same, within bf16's rounding where it is not)."""
+from __future__ import annotations
+
 import dataclasses
 import os
 import re

@@ -194,6 +194,38 @@ def test_bf16_training_keeps_weights_optimizer_ema_and_loss_in_fp32():
     assert all(p.grad.dtype == torch.float32 for p in bf16.model.nn_model.parameters() if p.grad is not None)
 
 
+def group_norm_layouts(network: torch.nn.Module) -> list[bool]:
+    """Records, for each GroupNorm call from now on, whether its input (after any pre-hook) was channels_last."""
+    layouts = []
+    for layer in network.modules():
+        if isinstance(layer, torch.nn.GroupNorm):
+            layer.register_forward_hook(lambda layer, inputs, output: layouts.append(
+                inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()))
+    return layouts
+
+
+def test_channels_last_training_normalises_groups_in_nchw_and_learns_as_plain():
+    """GroupNorm's NHWC CPU kernel is slow: channels_last training hands it NCHW inputs, with the same loss and
+    gradients as the plain path; the EMA copy and a network in eval mode (sampling) keep channels_last."""
+    plain, fast = tiny_run(FastPath()), tiny_run(FastPath(train_channels_last=True))
+    layouts = group_norm_layouts(fast.model.nn_model)
+    sampling_layouts = group_norm_layouts(fast.ema.module)
+    images, labels = one_batch()
+    losses = []
+    for run in (plain, fast):
+        torch.manual_seed(3)
+        losses.append(training_step(run, images, labels).item())
+    assert layouts == [False]                              # one GroupNorm (the final block), given NCHW input
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for expected, found in zip(plain.model.nn_model.parameters(), fast.model.nn_model.parameters()):
+        assert torch.allclose(expected.grad, found.grad, rtol=1e-3, atol=1e-5)
+    x, t, c = network_inputs()
+    with torch.no_grad():
+        fast.ema.module(to_channels_last(x, True), t, c)
+        fast.model.nn_model.eval()(to_channels_last(x, True), t, c)
+    assert sampling_layouts == [True] and layouts == [False, True]
+
+
 def test_generate_samples_in_the_models_chunks_by_default():
     network = trained_network()
     calls = []
@@ -361,6 +393,23 @@ def test_the_benchs_rows_each_run_with_their_own_switches():
     torch.backends.cudnn.benchmark = False
     assert len(seen) == 2 * (3 + 2) and all(chosen == used for chosen, used in seen)
     assert not bench.variants(torch.device("cpu"), 1, full=True, compile_too=False)["plain"].cudnn_benchmark
+
+
+def test_the_bench_times_each_variant_only_in_the_phases_it_changes():
+    """A sampling-only ingredient trains exactly as the plain path does: timing it there would only show noise."""
+    from tools import bench
+    chosen = bench.variants(torch.device("cpu"), 3, full=True, compile_too=False)
+    training, sampling = bench.timed_in(chosen, "train_img_s"), bench.timed_in(chosen, "ddpm400_img_s")
+    assert {"plain", "fast", "channels_last only"} <= set(training) & set(sampling)
+    assert "shared encoder only" in sampling and "shared encoder only" not in training
+    assert "fold batchnorm only" not in training and "foreach adam only" not in sampling
+    for name, path in chosen.items():       # what is left out computes that phase with the plain path's choices
+        if name not in training:
+            assert all(getattr(path, field) == getattr(FastPath(), field)
+                       for field, phase in bench.PHASES.items() if phase != "ddpm400_img_s")
+        if name not in sampling:
+            assert all(getattr(path, field) == getattr(FastPath(), field)
+                       for field, phase in bench.PHASES.items() if phase != "train_img_s")
 
 
 def test_the_cuda_path_turns_cudnn_benchmark_on_and_torchrun_compiles_without_cuda_graphs():

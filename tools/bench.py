@@ -24,7 +24,9 @@ reached). Sampling: ``DDPM.sample`` for
 first), with the sheet's 400-step DDPM sampler and DDIM at 50 and 20 steps. Each step is one network call on
 the same batch, so by default a run of a few steps is timed and scaled to the whole run; --complete times
 every complete run. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the median
-round is reported, so that a load change on the machine hits both alike. The last line is JSON; --csv writes the
+round is reported, so that a load change on the machine hits both alike. A variant that computes one phase as the
+plain path does (an ingredient of sampling only, such as the shared encoder, in training) is not timed in that
+phase: its figures there are the plain path's ('as plain'; empty in the CSV). The last line is JSON; --csv writes the
 same figures as a table (``csv_rows``), the form in which docs/speed.md keeps them.
 """
 from __future__ import annotations
@@ -77,6 +79,20 @@ PHASES = {               # FastPath field -> the images/s it is meant to raise: 
     "fused_adam": "train_img_s", "foreach_adam": "train_img_s", "cudnn_benchmark": "both",
     "fold_batchnorm": "ddpm400_img_s", "share_encoder": "ddpm400_img_s", "compile_training": "train_img_s",
     "compile_sampling": "ddpm400_img_s"}
+
+
+def changes_phase(path: FastPath, phase: str) -> bool:
+    """Whether ``path`` computes ``phase`` ('train_img_s' or 'ddpm400_img_s') otherwise than the plain path: a
+    variant that changes only sampling trains as the plain path does, and is not timed training (and the
+    reverse), so that round-to-round noise is not read as an ingredient's effect."""
+    return any(getattr(path, field) != getattr(FastPath(), field)
+               for field, raises in PHASES.items() if raises in (phase, "both"))
+
+
+def timed_in(chosen: dict[str, FastPath], phase: str) -> dict[str, FastPath]:
+    """The variants to time in ``phase``: plain, fast, and every other that computes it otherwise than plain."""
+    return {name: path for name, path in chosen.items()
+            if name in ("plain", "fast") or changes_phase(path, phase)}
 
 
 def default_path(device: torch.device, in_channels: int) -> FastPath:
@@ -283,12 +299,13 @@ def measure(device: torch.device, config_name: str, args) -> dict:
     dataset, n_features = CONFIGS[config_name]
     chosen = variants(device, DATA[dataset]["in_channels"], not args.quick, args.compile, args.emulated_bf16)
     train, memory, train_warmup = {}, {}, {}
+    training, sampling = timed_in(chosen, "train_img_s"), timed_in(chosen, "ddpm400_img_s")
     for batch_size in args.batch_sizes:
         train[batch_size], train_warmup[batch_size] = alternate({name: (lambda p=path, b=batch_size: training_rounds(
-            dataset, n_features, device, p, b, args.train_steps)) for name, path in chosen.items()}, args.rounds)
+            dataset, n_features, device, p, b, args.train_steps)) for name, path in training.items()}, args.rounds)
         # the memory of the eager step: a compiled one would compile once more just for this
         memory[batch_size] = {name: step_memory(dataset, n_features, device, replace(path, compile_training=""),
-                                                batch_size) for name, path in chosen.items()}
+                                                batch_size) for name, path in training.items()}
     sample = {}
     for sampler, steps in SAMPLERS:
         timed = steps if args.complete else min(steps, args.timed_steps)
@@ -296,7 +313,7 @@ def measure(device: torch.device, config_name: str, args) -> dict:
         # scaled to the whole run, unless --complete times the whole run of this sampler itself
         rates, sample_warmup = alternate({name: (lambda p=path: sampling_rounds(
             dataset, n_features, device, p, args.per_class, sampler if args.complete else "ddim", timed,
-            args.guidance)) for name, path in chosen.items()}, args.rounds)
+            args.guidance)) for name, path in sampling.items()}, args.rounds)
         sample[f"{sampler}{steps}"] = {name: rate * timed / steps for name, rate in rates.items()}
         if not args.complete:
             for other, other_steps in SAMPLERS[1:]:
@@ -368,28 +385,38 @@ def compile_break_even(rows: list[dict]) -> dict[str, dict[str, float | None]]:
     return found
 
 
+def figure(values: dict, name: str, width: int, digits: int) -> str:
+    """One variant's figure right-aligned in ``width``, or 'as plain' where that phase was not timed for it."""
+    return f"{values[name]:>{width}.{digits}f}" if name in values else f"{'as plain':>{width}}"
+
+
+def ratio(values: dict, name: str) -> str:
+    return f"{values[name] / values['plain']:.2f}" if name in values else "-"
+
+
 def print_table(result: dict) -> None:
     names = list(result["fast_path"])
     batch_sizes = list(result["train_img_s"])
     first = batch_sizes[0]
     print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; sampling with "
-          f"w = {result['guidance']:g}")
+          f"w = {result['guidance']:g}; 'as plain': a variant that computes that phase as the plain path, not timed")
     print(f"  {'path':<24}" + "".join(f"{'train@' + str(b) + ' img/s':>18}" for b in batch_sizes)
           + "".join(f"{key + ' img/s':>17}" for key in result["sample_img_s"])
           + f"{'x plain: train / sample':>25}{'warm-up s: train / sample':>27}")
     train, sample = result["train_img_s"][first], result["sample_img_s"]["ddpm400"]
     for name in names:
-        row = f"  {name:<24}" + "".join(f"{result['train_img_s'][b][name]:>18.1f}" for b in batch_sizes)
-        row += "".join(f"{result['sample_img_s'][key][name]:>17.2f}" for key in result["sample_img_s"])
-        row += f"{train[name] / train['plain']:>17.2f} / {sample[name] / sample['plain']:<5.2f}"
-        row += f"{result['train_warmup_s'][first][name]:>19.1f} / {result['sample_warmup_s'][name]:<5.1f}"
+        row = f"  {name:<24}" + "".join(figure(result["train_img_s"][b], name, 18, 1) for b in batch_sizes)
+        row += "".join(figure(result["sample_img_s"][key], name, 17, 2) for key in result["sample_img_s"])
+        row += f"{ratio(train, name):>17} / {ratio(sample, name):<5}"
+        row += f"{figure(result['train_warmup_s'][first], name, 19, 1)} / "
+        row += figure(result["sample_warmup_s"], name, 5, 1).strip()
         print(row)
     for batch_size in batch_sizes:
         rates, memory = result["train_img_s"][batch_size], result["step_memory_mib"][batch_size]
         print(f"  a training step of {batch_size} images: " + ", ".join(
             f"{name} {batch_size / rates[name]:.3g} s, activations {memory[name]['activations']:.0f} MiB"
             + (f", CUDA peak {memory[name]['cuda_peak']:.0f} MiB" if "cuda_peak" in memory[name] else "")
-            for name in names) + f"; weights, gradients, Adam and EMA {memory[names[0]]['state']:.0f} MiB")
+            for name in names if name in rates) + f"; weights, gradients, Adam and EMA {memory['plain']['state']:.0f} MiB")
     print(f"  fast/plain: training x{train['fast'] / train['plain']:.2f} (batch {first}), sampling "
           f"x{sample['fast'] / sample['plain']:.2f}; DDIM-50 fast vs DDPM-400 plain "
           f"x{result['sample_img_s']['ddim50']['fast'] / sample['plain']:.1f}  (fast = {result['fast_path']['fast']})")
@@ -408,8 +435,9 @@ CSV_COLUMNS = ("machine", "machine_class", "device", "command", "config", "n_fea
 
 def csv_rows(result: dict, command: str, complete: bool, timed_steps: int) -> list[dict]:
     """The rows of one ``measure`` result for --csv: one per path and training batch size (images/s of training,
-    seconds, warm-ups and memory of a step, images/s of each sampler), then one per tools/evaluate.py-style run
-    (path 'evaluate.py-style, N per call', its images/s scaled to the DDPM sampler's 400 steps)."""
+    seconds, warm-ups and memory of a step, images/s of each sampler; empty for a phase the path computes as the
+    plain path, which is not timed), then one per tools/evaluate.py-style run (path 'evaluate.py-style, N per
+    call', its images/s scaled to the DDPM sampler's 400 steps)."""
     common = {"machine": result["machine"], "machine_class": result["machine_class"], "device": result["device"],
               "command": command, "config": result["config"], "n_features": result["n_features"],
               "guidance": result["guidance"],
@@ -417,15 +445,16 @@ def csv_rows(result: dict, command: str, complete: bool, timed_steps: int) -> li
     rows = []
     for batch_size, train in result["train_img_s"].items():
         for name in result["fast_path"]:
-            memory = result["step_memory_mib"][batch_size][name]
-            row = dict(common, path=name, choices=result["fast_path"][name], batch_size=batch_size,
-                       train_img_s=round(train[name], 1),
-                       step_s=round(batch_size / train[name], 3),
-                       train_warmup_s=round(result["train_warmup_s"][batch_size][name], 1),
-                       sample_warmup_s=round(result["sample_warmup_s"][name], 1),
-                       activations_mib=round(memory["activations"]),
-                       state_mib=round(memory["state"], 1), cuda_peak_mib=round(memory.get("cuda_peak", 0)) or "")
-            row.update({f"{key}_img_s": round(rates[name], 2) for key, rates in result["sample_img_s"].items()})
+            row = dict(common, path=name, choices=result["fast_path"][name], batch_size=batch_size)
+            if name in train:                                   # timed in training (``timed_in``)
+                memory = result["step_memory_mib"][batch_size][name]
+                row.update(train_img_s=round(train[name], 1), step_s=round(batch_size / train[name], 3),
+                           train_warmup_s=round(result["train_warmup_s"][batch_size][name], 1),
+                           activations_mib=round(memory["activations"]), state_mib=round(memory["state"], 1),
+                           cuda_peak_mib=round(memory.get("cuda_peak", 0)) or "")
+            if name in result["sample_warmup_s"]:               # timed in sampling
+                row["sample_warmup_s"] = round(result["sample_warmup_s"][name], 1)
+                row.update({f"{key}_img_s": round(rates[name], 2) for key, rates in result["sample_img_s"].items()})
             rows.append(row)
     for name, rate in result["evaluate_ddpm400_img_s"].items():
         rows.append(dict(common, path=f"evaluate.py-style, {name}", ddpm400_img_s=round(rate, 2)))
@@ -460,7 +489,7 @@ def main() -> None:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     flags = tool_flags(parser)
     parser.add_argument("--quick", action="store_true", help="plain, fast and fast's ingredients alone, MNIST and "
-                        "CIFAR-10 F=32, one round, 2 training steps and 8 sampling steps timed")
+                        "CIFAR-10 F=32, three rounds of 3 training steps and of 8 sampling steps")
     parser.add_argument("--compile", action="store_true", help="on CUDA also measure torch.compile with and "
                         "without CUDA graphs (the CPU's compiling rows come with the full benchmark); compiling is "
                         "excluded from the timing")
@@ -471,8 +500,9 @@ def main() -> None:
                         help=f"default: {' '.join(DEFAULT_CONFIGS)} (--quick: mnist cifar10)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128],
                         help="training batches to measure (default: 128, the scripts')")
-    parser.add_argument("--train-steps", type=int, default=None, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant")
+    parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per round (default: 3 with "
+                        "--quick, else 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant (default 3)")
     parser.add_argument("--timed-steps", type=int, default=None, help="sampling steps timed per round and scaled "
                         "to the whole run (default: 8 with --quick, else 40)")
     parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
@@ -485,8 +515,8 @@ def main() -> None:
                         "existing file is replaced")
     add_guidance_flag(flags, many=False, default=1.0)
     args = parser.parse_args()
-    args.train_steps = args.train_steps or (2 if args.quick else 5)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.train_steps = args.train_steps or (3 if args.quick else 5)
+    args.rounds = args.rounds or 3
     args.timed_steps = args.timed_steps or (8 if args.quick else 40)
     args.eval_steps = args.eval_steps or (2 if args.quick else 4)
     configs = args.configs or (["mnist", "cifar10"] if args.quick else list(DEFAULT_CONFIGS))

@@ -489,7 +489,7 @@ def main() -> None:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     flags = tool_flags(parser)
     parser.add_argument("--quick", action="store_true", help="plain, fast and fast's ingredients alone, MNIST and "
-                        "CIFAR-10 F=32, three rounds of 3 training steps and of 8 sampling steps")
+                        "CIFAR-10 F=32, three rounds of 3 training steps and of 20 sampling steps")
     parser.add_argument("--compile", action="store_true", help="on CUDA also measure torch.compile with and "
                         "without CUDA graphs (the CPU's compiling rows come with the full benchmark); compiling is "
                         "excluded from the timing")
@@ -504,7 +504,7 @@ def main() -> None:
                         "--quick, else 5)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant (default 3)")
     parser.add_argument("--timed-steps", type=int, default=None, help="sampling steps timed per round and scaled "
-                        "to the whole run (default: 8 with --quick, else 40)")
+                        "to the whole run (default: 20 with --quick, else 40)")
     parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
     parser.add_argument("--per-class", type=int, default=4, help="images per class in a sampling run (default 4)")
     parser.add_argument("--eval-images", type=int, default=250, help="images of the tools/evaluate.py-style run at "
@@ -517,7 +517,7 @@ def main() -> None:
     args = parser.parse_args()
     args.train_steps = args.train_steps or (3 if args.quick else 5)
     args.rounds = args.rounds or 3
-    args.timed_steps = args.timed_steps or (8 if args.quick else 40)
+    args.timed_steps = args.timed_steps or (20 if args.quick else 40)
     args.eval_steps = args.eval_steps or (2 if args.quick else 4)
     configs = args.configs or (["mnist", "cifar10"] if args.quick else list(DEFAULT_CONFIGS))
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])

@@ -398,10 +398,10 @@ def group_norm_in_nchw(network: nn.Module) -> None:
     """Give each GroupNorm layer of ``network`` its input in NCHW while the network trains (in place).
 
     On the CPU, GroupNorm keeps a channels_last input in channels_last, and its NHWC kernel is slow: forward and
-    backward of GroupNorm(8, 32) on [128, 32, 28, 28] (the U-Net's final block on MNIST) took 27 ms in bf16 and
-    18 ms in fp32 on the 2-core Xeon of docs/speed.md, against 3.6 and 5.5 ms in NCHW; the copy to NCHW costs
-    about 1 ms, and as much again in the backward pass. On a GPU, ATen's group_norm copies its input to NCHW
-    itself, so there this changes nothing. Only in training mode: a network in eval mode (sampling, including copies made
+    backward of GroupNorm(8, 32) on [128, 32, 28, 28] (the U-Net's final block on MNIST) took 20 ms in fp32 and
+    54 ms in bf16 on one thread of the Xeon of docs/speed.md (the snippet there), against 10 and 8 ms in NCHW;
+    the copies to NCHW and back cost far less. On a GPU, ATen's group_norm copies its input to NCHW itself, so
+    there this changes nothing. Only in training mode: a network in eval mode (sampling, including copies made
     of this network) normalises as it always did, so sampled images and the metric tables made from them stay
     the same."""
     for layer in network.modules():

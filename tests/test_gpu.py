@@ -156,7 +156,7 @@ def test_bench_quick_on_cuda():
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     paths = json.loads(result.stdout.strip().splitlines()[-1])["results"][0]["fast_path"]
-    assert "cudnn_benchmark" not in paths["plain"] and "cudnn_benchmark" in paths["fast"]
+    assert "cudnn.benchmark" not in paths["plain"] and "cudnn.benchmark" in paths["fast"]
 
 
 def write_idx(path, array):

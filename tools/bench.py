@@ -24,10 +24,10 @@ reached). Sampling: ``DDPM.sample`` for
 first), with the sheet's 400-step DDPM sampler and DDIM at 50 and 20 steps. Each step is one network call on
 the same batch, so by default a run of a few steps is timed and scaled to the whole run; --complete times
 every complete run. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the median
-round is reported, so that a load change on the machine hits both alike. A variant that computes one phase as the
-plain path does (an ingredient of sampling only, such as the shared encoder, in training) is not timed in that
-phase: its figures there are the plain path's ('as plain'; empty in the CSV). The last line is JSON; --csv writes the
-same figures as a table (``csv_rows``), the form in which docs/speed.md keeps them.
+round is reported, so that a load change on the machine hits both alike. A variant that computes one phase as an
+earlier one does (an ingredient of sampling only, such as the shared encoder, trains as the plain path) is not
+timed in that phase again (``same_as``; 'as plain' in the printed table, empty in the CSV). The last line is
+JSON; --csv writes the same figures as a table (``csv_rows``), the form in which docs/speed.md keeps them.
 """
 from __future__ import annotations
 
@@ -81,18 +81,30 @@ PHASES = {               # FastPath field -> the images/s it is meant to raise: 
     "compile_sampling": "ddpm400_img_s"}
 
 
-def changes_phase(path: FastPath, phase: str) -> bool:
-    """Whether ``path`` computes ``phase`` ('train_img_s' or 'ddpm400_img_s') otherwise than the plain path: a
-    variant that changes only sampling trains as the plain path does, and is not timed training (and the
-    reverse), so that round-to-round noise is not read as an ingredient's effect."""
-    return any(getattr(path, field) != getattr(FastPath(), field)
-               for field, raises in PHASES.items() if raises in (phase, "both"))
+def phase_choices(path: FastPath, phase: str) -> tuple:
+    """The choices of ``path`` that decide how it computes ``phase`` ('train_img_s' or 'ddpm400_img_s')."""
+    return tuple(getattr(path, field) for field, raises in PHASES.items() if raises in (phase, "both"))
+
+
+def same_as(chosen: dict[str, FastPath], phase: str) -> dict[str, str]:
+    """The variants not to time in ``phase``: name -> the earlier variant that computes that phase with the same
+    choices (a sampling-only ingredient trains as the plain path does, and the reverse). Timing it again would
+    show only round-to-round noise, and a compiled variant would find the other's kernels in the cache. The
+    plain path, the first, is always timed."""
+    first, same = {}, {}
+    for name, path in chosen.items():
+        choices = phase_choices(path, phase)
+        if choices in first:
+            same[name] = first[choices]
+        else:
+            first[choices] = name
+    return same
 
 
 def timed_in(chosen: dict[str, FastPath], phase: str) -> dict[str, FastPath]:
-    """The variants to time in ``phase``: plain, fast, and every other that computes it otherwise than plain."""
-    return {name: path for name, path in chosen.items()
-            if name in ("plain", "fast") or changes_phase(path, phase)}
+    """The variants to time in ``phase`` (all but ``same_as``)."""
+    same = same_as(chosen, phase)
+    return {name: path for name, path in chosen.items() if name not in same}
 
 
 def default_path(device: torch.device, in_channels: int) -> FastPath:
@@ -330,6 +342,7 @@ def measure(device: torch.device, config_name: str, args) -> dict:
         args.rounds)
     return {"device": device_name(device), "config": config_name, "n_features": n_features, "guidance": args.guidance,
             "fast_path": {name: path.describe() for name, path in chosen.items()},
+            "same_as": {phase: same_as(chosen, phase) for phase in ("train_img_s", "ddpm400_img_s")},
             "train_img_s": train, "train_warmup_s": train_warmup, "step_memory_mib": memory,
             "sample_img_s": sample, "sample_warmup_s": sample_warmup,
             "evaluate_ddpm400_img_s": {name: rate * args.eval_steps / 400 for name, rate in evaluation.items()}}
@@ -375,8 +388,9 @@ def compile_break_even(rows: list[dict]) -> dict[str, dict[str, float | None]]:
         variants = [named[name] for name in ("fast, eager", "fast", "fast + compile") if name in named]
         for phase, rate, warmup, steps in (("training", "train_img_s", "train_warmup_s", 1),
                                            ("sampling", "ddpm400_img_s", "sample_warmup_s", 400)):
-            eager = next((row for row in variants if phase not in compiled_phases(row)), None)
-            compiled_row = next((row for row in variants if phase in compiled_phases(row)), None)
+            timed = [row for row in variants if row.get(rate)]          # not timed: as an earlier variant
+            eager = next((row for row in timed if phase not in compiled_phases(row)), None)
+            compiled_row = next((row for row in timed if phase in compiled_phases(row)), None)
             if eager is None or compiled_row is None:
                 continue
             saved = 1 / (float(eager[rate]) * steps) - 1 / (float(compiled_row[rate]) * steps)
@@ -385,9 +399,10 @@ def compile_break_even(rows: list[dict]) -> dict[str, dict[str, float | None]]:
     return found
 
 
-def figure(values: dict, name: str, width: int, digits: int) -> str:
-    """One variant's figure right-aligned in ``width``, or 'as plain' where that phase was not timed for it."""
-    return f"{values[name]:>{width}.{digits}f}" if name in values else f"{'as plain':>{width}}"
+def figure(values: dict, name: str, width: int, digits: int, same: dict[str, str]) -> str:
+    """One variant's figure right-aligned in ``width``, or 'as <variant>' where that phase was not timed for it
+    (``same_as``)."""
+    return f"{values[name]:>{width}.{digits}f}" if name in values else f"{'as ' + same.get(name, '?'):>{width}}"
 
 
 def ratio(values: dict, name: str) -> str:
@@ -399,17 +414,22 @@ def print_table(result: dict) -> None:
     batch_sizes = list(result["train_img_s"])
     first = batch_sizes[0]
     print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; sampling with "
-          f"w = {result['guidance']:g}; 'as plain': a variant that computes that phase as the plain path, not timed")
+          f"w = {result['guidance']:g}; 'as X': computes that phase as variant X does, not timed again")
+    same_train, same_sample = (result.get("same_as", {}).get(phase, {}) for phase in ("train_img_s", "ddpm400_img_s"))
     print(f"  {'path':<24}" + "".join(f"{'train@' + str(b) + ' img/s':>18}" for b in batch_sizes)
           + "".join(f"{key + ' img/s':>17}" for key in result["sample_img_s"])
           + f"{'x plain: train / sample':>25}{'warm-up s: train / sample':>27}")
     train, sample = result["train_img_s"][first], result["sample_img_s"]["ddpm400"]
+    fast_train = train.get("fast", train[same_train.get("fast", "plain")])      # 'fast' may train as 'plain'
+    fast_sample, fast_ddim = (rates.get("fast", rates[same_sample.get("fast", "plain")])
+                              for rates in (sample, result["sample_img_s"]["ddim50"]))
     for name in names:
-        row = f"  {name:<24}" + "".join(figure(result["train_img_s"][b], name, 18, 1) for b in batch_sizes)
-        row += "".join(figure(result["sample_img_s"][key], name, 17, 2) for key in result["sample_img_s"])
+        row = f"  {name:<24}" + "".join(figure(result["train_img_s"][b], name, 18, 1, same_train)
+                                        for b in batch_sizes)
+        row += "".join(figure(result["sample_img_s"][key], name, 17, 2, same_sample) for key in result["sample_img_s"])
         row += f"{ratio(train, name):>17} / {ratio(sample, name):<5}"
-        row += f"{figure(result['train_warmup_s'][first], name, 19, 1)} / "
-        row += figure(result["sample_warmup_s"], name, 5, 1).strip()
+        row += f"{figure(result['train_warmup_s'][first], name, 19, 1, same_train)} / "
+        row += figure(result["sample_warmup_s"], name, 5, 1, same_sample).strip()
         print(row)
     for batch_size in batch_sizes:
         rates, memory = result["train_img_s"][batch_size], result["step_memory_mib"][batch_size]
@@ -417,9 +437,9 @@ def print_table(result: dict) -> None:
             f"{name} {batch_size / rates[name]:.3g} s, activations {memory[name]['activations']:.0f} MiB"
             + (f", CUDA peak {memory[name]['cuda_peak']:.0f} MiB" if "cuda_peak" in memory[name] else "")
             for name in names if name in rates) + f"; weights, gradients, Adam and EMA {memory['plain']['state']:.0f} MiB")
-    print(f"  fast/plain: training x{train['fast'] / train['plain']:.2f} (batch {first}), sampling "
-          f"x{sample['fast'] / sample['plain']:.2f}; DDIM-50 fast vs DDPM-400 plain "
-          f"x{result['sample_img_s']['ddim50']['fast'] / sample['plain']:.1f}  (fast = {result['fast_path']['fast']})")
+    print(f"  fast/plain: training x{fast_train / train['plain']:.2f} (batch {first}), sampling "
+          f"x{fast_sample / sample['plain']:.2f}; DDIM-50 fast vs DDPM-400 plain "
+          f"x{fast_ddim / sample['plain']:.1f}  (fast = {result['fast_path']['fast']})")
     evaluation = result["evaluate_ddpm400_img_s"]
     reference = evaluation[f"{PLAIN_SAMPLE_CHUNK} per call"]
     print("  tools/evaluate.py-style, DDPM-400 img/s: " + ", ".join(

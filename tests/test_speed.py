@@ -411,6 +411,10 @@ def test_the_bench_times_each_variant_only_in_the_phases_it_changes():
             for name, other in same.items():    # computes that phase with the choices of a variant timed before it
                 assert bench.phase_choices(chosen[name], phase) == bench.phase_choices(chosen[other], phase)
                 assert list(chosen).index(other) < list(chosen).index(name)
+            plain = bench.phase_choices(FastPath(), phase)
+            assert all(name in timed for name, path in chosen.items()    # the rule table reads every ingredient
+                       if name.endswith(" only") and bench.phase_choices(path, phase) != plain
+                       and not path.compile_training and not path.compile_sampling)
 
 
 def test_the_cuda_path_turns_cudnn_benchmark_on_and_torchrun_compiles_without_cuda_graphs():

@@ -87,17 +87,18 @@ def phase_choices(path: FastPath, phase: str) -> tuple:
 
 
 def same_as(chosen: dict[str, FastPath], phase: str) -> dict[str, str]:
-    """The variants not to time in ``phase``: name -> the earlier variant that computes that phase with the same
-    choices (a sampling-only ingredient trains as the plain path does, and the reverse). Timing it again would
-    show only round-to-round noise, and a compiled variant would find the other's kernels in the cache. The
-    plain path, the first, is always timed."""
+    """The variants not to time in ``phase``: name -> the variant whose figures they would repeat. A variant that
+    computes that phase as the plain path does (a sampling-only ingredient in training, and the reverse) would
+    show only round-to-round noise; a variant that compiles that phase as an earlier one does would find the
+    other's kernels in the cache and show no compile time. Every other variant is timed, also where it
+    repeats an eager one (an ingredient alone that is all the fast path changes in that phase)."""
+    compiles = "compile_training" if phase == "train_img_s" else "compile_sampling"
     first, same = {}, {}
     for name, path in chosen.items():
         choices = phase_choices(path, phase)
-        if choices in first:
-            same[name] = first[choices]
-        else:
-            first[choices] = name
+        earlier = first.setdefault(choices, name)
+        if earlier != name and (earlier == "plain" or getattr(path, compiles)):
+            same[name] = earlier
     return same
 
 

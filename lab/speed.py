@@ -218,7 +218,7 @@ class Rule:
 CPU_PATH = FastPath(sample_channels_last=True, train_channels_last=True, fold_batchnorm=True, share_encoder=True,
                     sample_chunk=CPU_SAMPLE_CHUNK)
 RULES = {            # the measurements behind each: docs/speed.md, "The fast path's rules per machine class"
-    "cpu-avx2": Rule(CPU_PATH, compile_sampling_from=80_000),
+    "cpu-avx2": Rule(CPU_PATH, compile_training_from=500_000, compile_sampling_from=80_000),
     "cpu-avx512": Rule(CPU_PATH, compile_sampling_from=150_000, train_channels_last_grey=True),
     "cpu-bf16": Rule(replace(CPU_PATH, bf16_autocast=True), compile_sampling_from=150_000,
                      train_channels_last_grey=True),

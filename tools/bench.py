@@ -26,7 +26,7 @@ the same batch, so by default a run of a few steps is timed and scaled to the wh
 every complete run. Variants are measured in alternating rounds (plain, fast, plain, fast, ...) and the median
 round is reported, so that a load change on the machine hits both alike. A variant that computes one phase as an
 earlier one does (an ingredient of sampling only, such as the shared encoder, trains as the plain path) is not
-timed in that phase again (``same_as``; 'as plain' in the printed table, empty in the CSV). The last line is
+timed in that phase again (``same_as``; 'as <variant>' in the printed table, empty in the CSV). The last line is
 JSON; --csv writes the same figures as a table (``csv_rows``), the form in which docs/speed.md keeps them.
 """
 from __future__ import annotations
@@ -403,7 +403,12 @@ def compile_break_even(rows: list[dict]) -> dict[str, dict[str, float | None]]:
 def figure(values: dict, name: str, width: int, digits: int, same: dict[str, str]) -> str:
     """One variant's figure right-aligned in ``width``, or 'as <variant>' where that phase was not timed for it
     (``same_as``)."""
-    return f"{values[name]:>{width}.{digits}f}" if name in values else f"{'as ' + same.get(name, '?'):>{width}}"
+    return f"{values[name]:>{width}.{digits}f}" if name in values else f"{'as ' + same[name]:>{width}}"
+
+
+def measured(values: dict, name: str, same: dict[str, str]) -> float:
+    """A variant's figure, or that of the variant it computes as where it was not timed (``same_as``)."""
+    return values[name] if name in values else values[same[name]]
 
 
 def ratio(values: dict, name: str) -> str:
@@ -416,13 +421,13 @@ def print_table(result: dict) -> None:
     first = batch_sizes[0]
     print(f"\n{result['config']} (F={result['n_features']}) on {result['device']}; sampling with "
           f"w = {result['guidance']:g}; 'as X': computes that phase as variant X does, not timed again")
-    same_train, same_sample = (result.get("same_as", {}).get(phase, {}) for phase in ("train_img_s", "ddpm400_img_s"))
+    same_train, same_sample = result["same_as"]["train_img_s"], result["same_as"]["ddpm400_img_s"]
     print(f"  {'path':<24}" + "".join(f"{'train@' + str(b) + ' img/s':>18}" for b in batch_sizes)
           + "".join(f"{key + ' img/s':>17}" for key in result["sample_img_s"])
           + f"{'x plain: train / sample':>25}{'warm-up s: train / sample':>27}")
     train, sample = result["train_img_s"][first], result["sample_img_s"]["ddpm400"]
-    fast_train = train.get("fast", train[same_train.get("fast", "plain")])      # 'fast' may train as 'plain'
-    fast_sample, fast_ddim = (rates.get("fast", rates[same_sample.get("fast", "plain")])
+    fast_train = measured(train, "fast", same_train)                            # 'fast' may train as 'plain'
+    fast_sample, fast_ddim = (measured(rates, "fast", same_sample)
                               for rates in (sample, result["sample_img_s"]["ddim50"]))
     for name in names:
         row = f"  {name:<24}" + "".join(figure(result["train_img_s"][b], name, 18, 1, same_train)
@@ -456,9 +461,9 @@ CSV_COLUMNS = ("machine", "machine_class", "device", "command", "config", "n_fea
 
 def csv_rows(result: dict, command: str, complete: bool, timed_steps: int) -> list[dict]:
     """The rows of one ``measure`` result for --csv: one per path and training batch size (images/s of training,
-    seconds, warm-ups and memory of a step, images/s of each sampler; empty for a phase the path computes as the
-    plain path, which is not timed), then one per tools/evaluate.py-style run (path 'evaluate.py-style, N per
-    call', its images/s scaled to the DDPM sampler's 400 steps)."""
+    seconds, warm-ups and memory of a step, images/s of each sampler; empty for a phase in which the path was not
+    timed, ``same_as``), then one per tools/evaluate.py-style run (path 'evaluate.py-style, N per call', its
+    images/s scaled to the DDPM sampler's 400 steps)."""
     common = {"machine": result["machine"], "machine_class": result["machine_class"], "device": result["device"],
               "command": command, "config": result["config"], "n_features": result["n_features"],
               "guidance": result["guidance"],
@@ -523,7 +528,7 @@ def main() -> None:
                         help="training batches to measure (default: 128, the scripts')")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per round (default: 3 with "
                         "--quick, else 5)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant (default 3)")
     parser.add_argument("--timed-steps", type=int, default=None, help="sampling steps timed per round and scaled "
                         "to the whole run (default: 20 with --quick, else 40)")
     parser.add_argument("--complete", action="store_true", help="time complete sampling runs of every sampler")
@@ -537,7 +542,6 @@ def main() -> None:
     add_guidance_flag(flags, many=False, default=1.0)
     args = parser.parse_args()
     args.train_steps = args.train_steps or (3 if args.quick else 5)
-    args.rounds = args.rounds or 3
     args.timed_steps = args.timed_steps or (20 if args.quick else 40)
     args.eval_steps = args.eval_steps or (2 if args.quick else 4)
     configs = args.configs or (["mnist", "cifar10"] if args.quick else list(DEFAULT_CONFIGS))
